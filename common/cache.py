@@ -1,0 +1,372 @@
+"""HDF5 feature cache: atomic streaming writer, validated reader, fast row gathers (METHOD 0 item 9).
+
+Stage 1 writes the teacher's selected-layer features for the un-augmented training split (plus
+logits and labels) into one HDF5 file, and the all-layer features of the Q subsets into another;
+stage 2 reads mini-batch rows of it every step for many epochs.
+
+File format: one flat HDF5 dataset of shape (n, *shape) per name, attributes `meta` (a JSON
+string: whatever keys the caller passes, checked by `FeatureCache.check`), `n`, `format_version`
+and `complete` (set last, so a file without it is never trusted).
+
+Read path, measured by `bench/bench_cache_read.py`: datasets are stored *contiguous* (not
+chunked) because HDF5 point selections on chunked datasets cost tens of ms per 128-row batch
+(~50 s per 60 000-row epoch) while the same gather on a contiguous dataset costs ~1-3 ms. The
+default is to load the datasets into RAM (`FeatureCache.load`), which makes a gather a plain
+`index_select`; when they do not fit, `epoch_batches(block_size=...)` keeps each batch inside one
+or two contiguous regions of the file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.errors import CacheError, ConfigError
+
+FORMAT_VERSION = 1
+DEFAULT_REBUILD_HINT = "rerun stage 1 (stage1_profile_teacher.py)"
+# A sorted gather reads one slice instead of a point selection when the rows fill at least this
+# share of their span (measured: a slice wins only for nearly contiguous rows).
+SLICE_FILL = 0.8
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _tmp_path(path: Path) -> Path:
+    """Per-writer temp name (host and pid) so parallel writers never clobber each other."""
+    return path.with_name(f"{_tmp_prefix(path)}{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Delete temp files of killed writers of `path` on this host (live writers are left alone)."""
+    prefix, host = _tmp_prefix(path), socket.gethostname()
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.glob(f"{prefix}*.tmp"):
+        stem = tmp.name[len(prefix) : -len(".tmp")]
+        tmp_host, _, pid = stem.rpartition(".")
+        if tmp_host != host or not pid.isdigit():
+            continue
+        if int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _to_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _cast_checked(path: Path, name: str, rows: np.ndarray, dtype: np.dtype, first_row: int) -> np.ndarray:
+    """`rows` as `dtype`; raises CacheError when a finite value overflows float16 to inf."""
+    with np.errstate(over="ignore"):  # overflow is reported below, with the fix
+        out = rows.astype(dtype, copy=False)
+    if dtype == np.float16 and np.issubdtype(rows.dtype, np.floating) and rows.dtype != np.float16:
+        overflow = np.isinf(out) & np.isfinite(rows)
+        if overflow.any():
+            row = first_row + int(np.argwhere(overflow)[0][0])
+            peak = float(np.abs(rows[np.isfinite(rows)]).max())
+            raise CacheError(
+                f"{path}: dataset '{name}' overflows float16 (|value| up to {peak:.3g} > 65504, "
+                f"row {row}); set profile.cache_dtype=float32 and rerun"
+            )
+    return out
+
+
+def _json_normal(value: Any) -> Any:
+    """The value as it reads back from the JSON meta attribute (tuples -> lists, Paths -> str)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+_MISSING = object()
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = "<missing>" if value is _MISSING else json.dumps(value, default=str, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def write_h5(
+    path: Path,
+    meta: dict,
+    n: int,
+    shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, str],
+    batches: Iterable[dict[str, torch.Tensor | np.ndarray]],
+    *,
+    copy_from: Path | None = None,
+    chunk_rows: int | None = None,
+    progress: bool = False,
+) -> None:
+    """Stream `batches` into a new cache at `path`, atomically (METHOD 0 item 9).
+
+    `batches` yields consecutive rows in sample order: dicts mapping every name of `shapes` to
+    that batch's rows; the file gets one dataset (n, *shapes[name]) of dtype dtypes[name] per
+    name. Only one batch is in memory at a time. The file is written under a temp name in the
+    same directory, `complete=True` is set last, then it is fsynced and renamed onto `path`: a
+    killed run leaves the old file (or none), and its temp file is removed by the next write.
+
+    copy_from: a valid cache with the same n whose datasets not in `shapes` are copied over
+    (extends a cache with more layers without recomputing the old ones; may equal `path`).
+    chunk_rows: None (default) stores datasets contiguous, which is what makes random-row
+    gathers fast; an int stores them chunked by that many rows.
+    """
+    path = Path(path)
+    if set(dtypes) != set(shapes):
+        raise ValueError(f"shapes and dtypes name different datasets: {sorted(shapes)} vs {sorted(dtypes)}")
+    bad = [name for name in shapes if "/" in name or not name]
+    if bad:
+        raise ValueError(f"dataset names must be non-empty and contain no '/': {bad}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(path)
+    tmp = _tmp_path(path)
+    try:
+        with h5py.File(tmp, "w") as out:
+            if copy_from is not None:
+                _copy_datasets(Path(copy_from), out, n, skip=set(shapes))
+            datasets = {}
+            for name, shape in shapes.items():
+                chunks = (min(chunk_rows, n), *shape) if chunk_rows and n > 0 else None
+                datasets[name] = out.create_dataset(name, (n, *shape), dtype=np.dtype(dtypes[name]), chunks=chunks)
+            _stream_rows(path, datasets, n, batches, progress)
+            out.attrs["meta"] = json.dumps(meta, default=str, sort_keys=True)
+            out.attrs["n"] = n
+            out.attrs["format_version"] = FORMAT_VERSION
+            out.flush()
+            out.attrs["complete"] = True
+            out.flush()
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _copy_datasets(source: Path, out: h5py.File, n: int, skip: set[str]) -> None:
+    with FeatureCache(source) as old:
+        if old.n != n:
+            raise CacheError(f"{source} holds {old.n} rows, not {n}; it cannot be extended, delete it and rerun")
+        for name in old.names:
+            if name not in skip:
+                old._file.copy(old._file[name], out, name=name)
+
+
+def _stream_rows(
+    path: Path,
+    datasets: dict[str, h5py.Dataset],
+    n: int,
+    batches: Iterable[dict[str, torch.Tensor | np.ndarray]],
+    progress: bool,
+) -> None:
+    start = 0
+    with tqdm(total=n, unit="rows", desc=path.name, disable=not progress) as bar:
+        for batch in batches:
+            if set(batch) != set(datasets):
+                raise ValueError(f"batch names {sorted(batch)} differ from the datasets {sorted(datasets)}")
+            arrays = {name: _to_numpy(value) for name, value in batch.items()}
+            rows = {len(a) for a in arrays.values()}
+            if len(rows) != 1:
+                raise ValueError(f"batch datasets have different row counts: { {k: len(a) for k, a in arrays.items()} }")
+            count = rows.pop()
+            if start + count > n:
+                raise ValueError(f"batches yield more than n={n} rows")
+            for name, array in arrays.items():
+                ds = datasets[name]
+                if array.shape[1:] != ds.shape[1:]:
+                    raise ValueError(f"dataset '{name}' rows have shape {array.shape[1:]}, expected {ds.shape[1:]}")
+                ds[start : start + count] = _cast_checked(path, name, array, ds.dtype, start)
+            start += count
+            bar.update(count)
+    if start != n:
+        raise ValueError(f"batches yielded {start} rows, expected n={n}")
+
+
+class FeatureCache:
+    """Read-only view of a cache written by `write_h5`: meta, checks, RAM load, row gathers."""
+
+    def __init__(self, path: Path, *, rebuild_hint: str = DEFAULT_REBUILD_HINT) -> None:
+        """Open `path`; CacheError (naming the file and `rebuild_hint`) if missing, corrupt or incomplete."""
+        self.path = Path(path)
+        self._ram: dict[str, torch.Tensor] = {}
+        if not self.path.is_file():
+            raise CacheError(f"{self.path} does not exist; {rebuild_hint}")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as err:
+            reason = str(err).splitlines()[0][:120]
+            raise CacheError(f"{self.path} is incomplete or corrupt ({reason}); delete it and {rebuild_hint}") from err
+        try:
+            if not self._file.attrs.get("complete", False):
+                raise CacheError(f"{self.path} is incomplete or corrupt (no complete flag); delete it and {rebuild_hint}")
+            self.meta: dict = json.loads(self._file.attrs["meta"])
+            self.n: int = int(self._file.attrs["n"])
+            self.names: list[str] = sorted(k for k, v in self._file.items() if isinstance(v, h5py.Dataset))
+        except CacheError:
+            self._file.close()
+            raise
+        except (KeyError, ValueError, OSError) as err:
+            self._file.close()
+            raise CacheError(
+                f"{self.path} is incomplete or corrupt ({type(err).__name__}: {str(err)[:80]}); "
+                f"delete it and {rebuild_hint}"
+            ) from err
+        self._rebuild_hint = rebuild_hint
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._ram.clear()
+        if self._file.id.valid:
+            self._file.close()
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        if name not in self.names:
+            raise CacheError(
+                f"{self.path} has no dataset '{name}' (has: {', '.join(self.names)}); {self._rebuild_hint}"
+            )
+        return self._file[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Per-row shape of dataset `name` (without the leading n)."""
+        return tuple(self._dataset(name).shape[1:])
+
+    def nbytes(self, name: str) -> int:
+        """Stored size of dataset `name` in bytes (what `load` puts in RAM)."""
+        ds = self._dataset(name)
+        return int(math.prod(ds.shape)) * ds.dtype.itemsize
+
+    def check(self, expected: dict, rebuild_hint: str) -> None:
+        """Raise CacheError on the first key of `expected` whose cached meta value differs."""
+        for key, want in expected.items():
+            have = self.meta.get(key, _MISSING)
+            if have is _MISSING or have != _json_normal(want):
+                raise CacheError(
+                    f"{self.path}: cache field '{key}' differs (cached {_short(have)}, expected {_short(want)}); "
+                    f"{rebuild_hint}"
+                )
+
+    def load(self, names: Sequence[str], max_bytes: int) -> bool:
+        """Read `names` fully into RAM if their stored size totals <= max_bytes; all or nothing.
+
+        Kept in the stored dtype (float16 halves the RAM); `gather` converts per batch.
+        """
+        if sum(self.nbytes(name) for name in names) > max_bytes:
+            return False
+        for name in names:
+            if name not in self._ram:
+                ds = self._dataset(name)
+                array = np.empty(ds.shape, dtype=ds.dtype)
+                if array.size:
+                    ds.read_direct(array)
+                self._ram[name] = torch.from_numpy(array)
+        return True
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._ram
+
+    def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        """Rows `indices` (any order, duplicates allowed) of `name`, in that order.
+
+        Floating datasets come back as float32, others (labels) in their stored dtype. From RAM
+        if loaded; from disk otherwise: h5py needs increasing unique indices, so sort + dedupe,
+        read (one slice when the rows nearly fill their span), and undo the sort.
+        """
+        index = indices.detach().cpu().reshape(-1).long()
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n):
+            raise IndexError(f"gather indices must lie in [0, {self.n}) for {self.path}")
+        if name in self._ram:
+            rows = self._ram[name].index_select(0, index)
+        else:
+            rows = torch.from_numpy(self._read_rows(self._dataset(name), index.numpy()))
+        return rows.float() if rows.is_floating_point() else rows
+
+    @staticmethod
+    def _read_rows(ds: h5py.Dataset, index: np.ndarray) -> np.ndarray:
+        if index.size == 0:
+            return np.empty((0, *ds.shape[1:]), dtype=ds.dtype)
+        unique, inverse = np.unique(index, return_inverse=True)
+        low, high = int(unique[0]), int(unique[-1]) + 1
+        if unique.size >= SLICE_FILL * (high - low):
+            rows = ds[low:high]
+            if unique.size != high - low:
+                rows = rows[unique - low]
+        else:
+            rows = ds[unique]
+        if unique.size == index.size and np.array_equal(unique, index):
+            return rows
+        return rows[inverse.reshape(-1)]
+
+
+def epoch_batches(
+    indices: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    block_size: int | None = None,
+) -> list[torch.Tensor]:
+    """One epoch's mini-batches of `indices` (positions in the cached split), drop_last (METHOD 2.4).
+
+    block_size None: a random permutation cut into batches. Otherwise the sorted indices are cut
+    into contiguous blocks of block_size (the remainder joins the last block, so every block
+    holds >= batch_size indices and a batch spans at most two blocks), the block order and the
+    order inside each block are shuffled, and the stream is cut into batches: each batch reads
+    from one or two contiguous regions of the file. Deterministic given `generator`.
+    """
+    indices = indices.reshape(-1).long()
+    if len(indices) < batch_size:
+        raise ConfigError(
+            f"only {len(indices)} training samples for batch size {batch_size}; lower train.batch_size"
+        )
+    if block_size is None:
+        order = indices[torch.randperm(len(indices), generator=generator)]
+    else:
+        if block_size < batch_size:
+            raise ConfigError(f"cache block size {block_size} is below batch size {batch_size}; raise the block size")
+        ordered = indices.sort().values
+        bounds = list(range(0, len(ordered) - block_size + 1, block_size))[1:] + [len(ordered)]
+        starts = [0] + bounds[:-1]
+        blocks = [ordered[s:e] for s, e in zip(starts, bounds)]
+        shuffled = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
+        order = torch.cat([b[torch.randperm(len(b), generator=generator)] for b in shuffled])
+    count = len(order) // batch_size
+    return list(order[: count * batch_size].split(batch_size))

@@ -1,0 +1,59 @@
+"""Shared command-line plumbing for the stage scripts: config + flags + `key=value` overrides."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from common.config import Config, load_config
+from common.errors import UserError
+
+OVERRIDE_HELP = "config overrides as section.key=value, e.g. train.epochs=5 teacher.width=0.25 'seeds=[0,1,2]'"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (a short diff from the defaults in common/config.py)")
+    p.add_argument("--dataset", default=None, help="dataset name (sets dataset.name), e.g. fashion_mnist, cifar10, cifar100, tiny_imagenet, image_folder")
+    p.add_argument("--data-root", default=None, help="local dataset directory (sets dataset.root)")
+    p.add_argument("--teacher", default=None, help="teacher model name (sets teacher.name), e.g. resnet34, vgg19, vit_b")
+    p.add_argument("--artifacts", default=None, help="artifacts directory (sets artifacts)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only the summary lines")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDE_HELP)
+    return p
+
+
+def build_config(args: argparse.Namespace, flag_keys: dict[str, str]) -> Config:
+    """Config from --config, then the flags in `flag_keys` (attr -> config key), then overrides."""
+    overrides = []
+    for attr, key in {"dataset": "dataset.name", "data_root": "dataset.root", "teacher": "teacher.name", "artifacts": "artifacts", **flag_keys}.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    overrides += list(args.overrides)
+    if args.quiet:
+        overrides += ["train.progress=false", "teacher_train.progress=false"]
+    return load_config(args.config, overrides)
+
+
+def parse_seeds(values: list[str]) -> list[int]:
+    """Seeds as given by make/shell loops: "0 1 2", "0,1,2" or separate arguments."""
+    try:
+        return [int(v) for v in " ".join(values).replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"--seeds takes integers, got {' '.join(values)!r}") from None
+
+
+def main(body: Callable[[], int | None]) -> None:
+    """Run a stage: user errors become one `error:` line and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        code = body()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished artifacts are kept; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

@@ -1,0 +1,196 @@
+"""Stage 2: distil a student from the teacher, once per seed (METHOD 7, 8; section 0 items 4, 6, 7, 9).
+
+For each seed a run directory (keyed by a hash of the resolved config, see common/artifacts.py)
+gets config.yaml, metrics.csv, student.pt and, written last, `done`. Finished runs are skipped,
+interrupted ones resumed from their checkpoint, failed ones marked with a `failed` file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common import artifacts
+from common.cache import FeatureCache
+from common.config import Config, to_dict
+from common.data import Data, load_data
+from common.errors import ConfigError, UserError
+from common.io import atomic_write_text, atomic_write_yaml, file_lock, versions
+from common.layers import resolve_layers
+from common.methods import MethodSpec, build_distiller, resolve_method
+from common.models import MODELS, create_model
+from common.profile import ensure_features, list_layers
+from common.profile import run as run_profile
+from common.profile import select_from_quality
+from common.teacher import CachedTeacher, LiveTeacher, ensure_teacher, load_teacher, ram_budget
+from common.train import TeacherSource, finish, fit, resolve_device, seed_everything
+
+log = logging.getLogger("kd")
+
+
+@dataclass
+class RunResult:
+    seed: int
+    dir: Path
+    skipped: bool
+    best_test_acc: float | None = None
+
+
+def uses_teacher(spec: MethodSpec) -> bool:
+    return spec.feature_loss != "none" or spec.kd_weight > 0 or spec.teacher_head
+
+
+def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int], list[int]]:
+    """Teacher and student layer lists of a feature method (METHOD 7; section 0 item 4)."""
+    if spec.feature_loss == "none" and not spec.teacher_head:
+        return [], []
+    n_teacher = len(list_layers(cfg, data))
+    if spec.teacher_layers == "selected":
+        if cfg.profile.layers:
+            teacher_layers = sorted(resolve_layers(cfg.profile.layers, n_teacher, "profile.layers entry"))
+        else:
+            profile = run_profile(cfg, data)
+            teacher_layers = select_from_quality(profile.quality, cfg.profile.k, spec.criterion)
+    elif spec.teacher_layers == "baseline":
+        teacher_layers = list(MODELS.get(cfg.teacher.name).baseline_layers)
+    else:
+        teacher_layers = sorted(resolve_layers(spec.teacher_layers, n_teacher, "teacher layer"))
+    n_student = len(list_layers(dataclasses.replace(cfg, teacher=cfg.student), data))
+    if spec.student_layers == "baseline":
+        student_layers = list(MODELS.get(cfg.student.name).baseline_layers)
+    else:
+        student_layers = sorted(resolve_layers(spec.student_layers, n_student, "student layer"))
+    if spec.mapping == "one2one" and len(teacher_layers) != len(student_layers):
+        raise ConfigError(
+            f"method {spec.name} pairs teacher layers {teacher_layers} one-to-one with student layers {student_layers}; "
+            f"give as many of each (profile.k or method.student_layers=[...])"
+        )
+    return teacher_layers, student_layers
+
+
+def run(cfg: Config, seeds: list[int] | None = None) -> list[RunResult]:
+    """Train one student per seed (skipping finished runs); returns what happened per seed."""
+    seeds = list(seeds if seeds is not None else cfg.seeds)
+    data = load_data(cfg.dataset)
+    spec = resolve_method(cfg.method)
+    method = dataclasses.asdict(spec)
+    needs_teacher = uses_teacher(spec)
+    todo = [s for s in seeds if not (artifacts.run_dir(cfg, method, needs_teacher, s) / "done").exists()]
+    for s in sorted(set(seeds) - set(todo)):
+        log.info("distill %s seed %d: finished, skipping (%s)", spec.name, s, artifacts.run_dir(cfg, method, needs_teacher, s))
+    results = [RunResult(s, artifacts.run_dir(cfg, method, needs_teacher, s), True) for s in seeds if s not in todo]
+    if not todo:
+        return results
+
+    teacher_layers: list[int] = []
+    student_layers: list[int] = []
+    teacher_shapes: dict[int, tuple[int, ...]] = {}
+    device = resolve_device(cfg.train.device)
+    if needs_teacher:
+        ensure_teacher(cfg, data)
+        teacher_layers, student_layers = resolve_pairs(cfg, spec, data)
+        table = list_layers(cfg, data)
+        teacher_shapes = {i: tuple(int(v) for v in table.loc[table["layer"] == i, "shape"].item().split("x")) for i in teacher_layers}
+        log.info("distill %s: teacher layers %s -> student layers %s", spec.name, teacher_layers, student_layers)
+
+    source = _teacher_source(cfg, data, spec, teacher_layers, device) if needs_teacher else None
+    teacher_model = load_teacher(cfg, data, device)[0] if spec.teacher_head else None
+    for seed in todo:
+        rdir = artifacts.run_dir(cfg, method, needs_teacher, seed)
+        with file_lock(rdir / ".lock"):
+            if (rdir / "done").exists():  # another process finished it while we waited
+                results.append(RunResult(seed, rdir, True))
+                continue
+            result = _train_one(cfg, data, spec, seed, rdir, teacher_layers, student_layers, teacher_shapes, source, teacher_model)
+            results.append(result)
+    return sorted(results, key=lambda r: r.seed)
+
+
+def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int], device: torch.device) -> TeacherSource:
+    source = cfg.train.teacher_source
+    if source == "auto":
+        source = "live" if cfg.train.augment else "cache"
+    logits = spec.kd_weight > 0
+    if source == "live":
+        teacher, _ = load_teacher(cfg, data, device)
+        return LiveTeacher(teacher, layers, logits)
+    if source != "cache":
+        raise ConfigError(f"train.teacher_source must be auto, cache or live, not '{source}'")
+    if cfg.train.augment:
+        raise ConfigError("train.augment=true needs the live teacher (cached features would be stale); set train.teacher_source=live or auto")
+    path = ensure_features(cfg, data, layers)
+    _, teacher_sha = load_teacher(cfg, data, torch.device("cpu"))
+    cache = FeatureCache(path)
+    cache.check(
+        {"teacher_sha256": teacher_sha, "dataset": data.fingerprint, "split": "train"},
+        rebuild_hint=f"rebuild it with: make profile DATASET={cfg.dataset.name} TEACHER={cfg.teacher.name}",
+    )
+    return CachedTeacher(cache, layers, logits, device, ram_budget())
+
+
+def _train_one(
+    cfg: Config,
+    data: Data,
+    spec: MethodSpec,
+    seed: int,
+    rdir: Path,
+    teacher_layers: list[int],
+    student_layers: list[int],
+    teacher_shapes: dict[int, tuple[int, ...]],
+    source: TeacherSource | None,
+    teacher_model: torch.nn.Module | None,
+) -> RunResult:
+    train_cfg = dataclasses.replace(cfg.train, seed=seed)
+    resolved = {
+        **to_dict(dataclasses.replace(cfg, train=train_cfg, seeds=[seed])),
+        "method": dataclasses.asdict(spec),
+        "run": {
+            "kind": "student",
+            "method": spec.name,
+            "seed": seed,
+            "run_hash": rdir.parent.name.rsplit("-", 1)[-1],
+            "teacher_id": artifacts.teacher_id(cfg) if source is not None else None,
+            "teacher_layers": teacher_layers,
+            "student_layers": student_layers,
+            "versions": versions(),
+        },
+    }
+    atomic_write_yaml(rdir / "config.yaml", resolved)
+    log.info("distill %s seed %d -> %s", spec.name, seed, rdir)
+    seed_everything(seed)
+    student = create_model(
+        cfg.student.name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, width=cfg.student.width
+    )
+    distiller = build_distiller(
+        spec,
+        student,
+        num_classes=data.num_classes,
+        input_shape=(data.in_channels, data.image_size, data.image_size),
+        teacher_layers=teacher_layers,
+        student_layers=student_layers,
+        teacher_shapes=teacher_shapes,
+        teacher=teacher_model,
+    )
+    model_spec = MODELS.get(cfg.student.name)
+    lr = train_cfg.lr if train_cfg.lr is not None else (model_spec.lr_ce if spec.name == "ce" else model_spec.lr_kd)
+    try:
+        result = fit(
+            distiller,
+            data,
+            train_cfg,
+            rdir,
+            lr=lr,
+            train_indices=data.training_subset(train_cfg.train_subset, cfg.dataset.split_seed),
+            teacher=source,
+            weights_of=student,
+            desc=f"{spec.name} s{seed}",
+        )
+    except UserError as exc:
+        atomic_write_text(rdir / "failed", f"{exc}\n")
+        raise
+    finish(rdir)
+    log.info("distill %s seed %d: best test accuracy %.2f%% (epoch %d), last %.2f%%", spec.name, seed, result.best_test_acc, result.best_epoch, result.last_test_acc)
+    return RunResult(seed, rdir, False, result.best_test_acc)

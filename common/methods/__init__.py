@@ -1,0 +1,118 @@
+"""Distillation methods (METHOD 8, 9): presets, resolution of a config, and the Distiller factory.
+
+    spec = resolve_method(cfg.method)               # preset + overrides, validated
+    # the caller resolves spec.teacher_layers ("selected" by spec.criterion / "baseline") and
+    # spec.student_layers ("baseline") to indices, then:
+    distiller = build_distiller(spec, student, num_classes=..., input_shape=..., teacher_layers=[...],
+                                student_layers=[...], teacher_shapes={...}, teacher=..., batch_size=...)
+    logits, losses = distiller.forward_train(images, labels, teacher_features, teacher_logits)
+    sum(losses.values()).backward()
+
+Presets (METHODS.names()): ce, kd, kd_std, fitnet, fitnet_nokd, fitnet_fc, sp, simkd, semckd,
+stl_seplin, ours, ours+ce, ours+ce+kd, ours_s, ours_i, ours_e, ours_sqrtie.
+One module per family: ce.py, kd.py, feature.py (FitNet family, ours, ablations), sp.py,
+simkd.py, semckd.py; shared pieces in base.py and projectors.py; formulas in common/losses.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from common.config import MethodConfig
+from common.errors import ConfigError
+from common.layers import generalized_layers, layer_table, resolve_layers
+from common.methods import ce, feature, kd, semckd, simkd, sp  # noqa: F401  (registers the presets)
+from common.methods.base import (
+    CRITERIA,
+    FEATURE_LOSSES,
+    MAPPINGS,
+    METHODS,
+    SPEC_FIELDS,
+    BuildContext,
+    Distiller,
+    FeatureContext,
+    MethodPreset,
+    MethodSpec,
+    validate_spec,
+)
+from common.methods.projectors import PROJECTORS
+
+__all__ = [
+    "CRITERIA", "FEATURE_LOSSES", "MAPPINGS", "METHODS", "PROJECTORS", "Distiller", "MethodPreset",
+    "MethodSpec", "build_distiller", "resolve_method",
+]
+
+
+def resolve_method(cfg: MethodConfig) -> MethodSpec:
+    """The preset `cfg.name` with every non-None field of `cfg` overriding it, validated.
+
+    Unknown name: UnknownNameError listing the presets. Bad value: ConfigError naming the key
+    and the allowed values. Layer lists become tuples of ints.
+    """
+    preset = METHODS.get(cfg.name).spec
+    overrides: dict[str, object] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "name" or value is None:
+            continue
+        if f.name not in SPEC_FIELDS:
+            raise ConfigError(f"method.{f.name} is not a method field; valid: {', '.join(SPEC_FIELDS[1:])}")
+        if isinstance(value, list):
+            value = tuple(value)
+        overrides[f.name] = value
+    spec = dataclasses.replace(preset, **overrides)
+    validate_spec(spec)
+    return spec
+
+
+def build_distiller(
+    spec: MethodSpec,
+    student: nn.Module,
+    *,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    teacher_layers: list[int],
+    student_layers: list[int],
+    teacher_shapes: dict[int, tuple[int, ...]],
+    teacher: nn.Module | None = None,
+    batch_size: int | None = None,
+) -> Distiller:
+    """The Distiller running `spec` on `student`, on the student's device.
+
+    teacher_layers / student_layers: resolved generalized-layer indices (ignored, and may be
+    empty, for methods without a feature loss). teacher_shapes: per-sample shape of each teacher
+    layer's feature ((C,H,W), (D,) or ViT (T,D)). teacher: only for SimKD (its head modules are
+    copied; the teacher itself is never registered). batch_size: the training batch size, needed
+    by semckd (its attention MLPs take a Gram row of that width; train with drop_last).
+    """
+    validate_spec(spec)
+    preset = METHODS.get(spec.name)
+    has_features = spec.feature_loss != "none"
+    if has_features:
+        if not teacher_layers or not student_layers:
+            raise ConfigError(f"method '{spec.name}' distils features: it needs teacher and student layers")
+        student_layers = resolve_layers(student_layers, len(generalized_layers(student)), "student layer")
+        missing = [i for i in teacher_layers if i not in teacher_shapes]
+        if missing:
+            raise ValueError(f"teacher_shapes lacks layers {missing}")
+        table = layer_table(student, input_shape)
+        student_shapes = [tuple(table[i].shape) for i in student_layers]
+        teacher_shapes_list = [tuple(teacher_shapes[i]) for i in teacher_layers]
+    else:
+        student_layers, teacher_layers, student_shapes, teacher_shapes_list = [], [], [], []
+    context = BuildContext(
+        num_classes=num_classes, input_shape=tuple(input_shape), student_layers=list(student_layers),
+        teacher_layers=list(teacher_layers), student_shapes=student_shapes, teacher_shapes=teacher_shapes_list,
+        teacher=teacher if spec.teacher_head else None, batch_size=batch_size,
+    )
+    feature_term = None
+    if has_features:
+        pairs = MAPPINGS[spec.mapping](len(student_layers), len(teacher_layers))
+        feature_term = FEATURE_LOSSES.get(spec.feature_loss)(
+            FeatureContext(spec, context.student_layers, context.teacher_layers, student_shapes, teacher_shapes_list, pairs, batch_size)
+        )
+    device = next(student.parameters()).device
+    if feature_term is not None:
+        feature_term.to(device)
+    return preset.distiller(spec, student, feature_term, context).to(device)

@@ -1,0 +1,149 @@
+"""The teacher: train it once (CE, METHOD 5), load it, and serve its knowledge per batch.
+
+Teacher knowledge at training time comes from the HDF5 feature cache (`CachedTeacher`, the
+default) or from a live eval-mode forward on the same, possibly augmented, batch
+(`LiveTeacher`, needed with augmentation because cached features would be stale).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import artifacts
+from common.cache import FeatureCache
+from common.config import Config, MethodConfig, to_dict
+from common.data import Data
+from common.errors import CacheError
+from common.io import atomic_write_yaml, file_lock, sha256_file, versions
+from common.layers import backbone_and_head_parameters, extract, forward_with_features
+from common.methods import build_distiller, resolve_method
+from common.models import MODELS, create_model
+from common.train import finish, fit, seed_everything
+
+log = logging.getLogger("kd")
+
+WEIGHTS = "teacher.pt"
+
+
+def build_teacher(cfg: Config, data: Data, pretrained: bool = False) -> nn.Module:
+    return create_model(
+        cfg.teacher.name,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        width=cfg.teacher.width,
+        pretrained=cfg.teacher.pretrained if pretrained else None,
+    )
+
+
+def ensure_teacher(cfg: Config, data: Data) -> Path:
+    """Train the teacher unless a finished one exists; returns the directory holding teacher.pt.
+
+    Locked, so concurrent shell loops that share a teacher train it once.
+    """
+    tdir = artifacts.teacher_dir(cfg)
+    with file_lock(tdir / ".lock"):
+        if (tdir / "done").exists():
+            log.info("teacher %s: finished, skipping training (%s)", cfg.teacher.name, tdir)
+            return tdir
+        log.info("teacher %s: training %d epochs -> %s", cfg.teacher.name, cfg.teacher_train.epochs, tdir)
+        seed_everything(cfg.teacher_train.seed)
+        model = build_teacher(cfg, data, pretrained=True)
+        ce = build_distiller(
+            resolve_method(MethodConfig(name="ce")),
+            model,
+            num_classes=data.num_classes,
+            input_shape=(data.in_channels, data.image_size, data.image_size),
+            teacher_layers=[],
+            student_layers=[],
+            teacher_shapes={},
+        )
+        lr = cfg.teacher_train.lr if cfg.teacher_train.lr is not None else MODELS.get(cfg.teacher.name).lr_ce
+        groups = None
+        if cfg.teacher.pretrained:
+            # Pretrained backbones get a 100x smaller LR than the new head (METHOD 5).
+            backbone, head = backbone_and_head_parameters(model)
+            groups = [{"params": backbone, "lr": lr * cfg.teacher_train.backbone_lr_mult}, {"params": head, "lr": lr}]
+        atomic_write_yaml(tdir / "config.yaml", {**to_dict(cfg), "run": {"kind": "teacher", "versions": versions()}})
+        result = fit(
+            ce,
+            data,
+            cfg.teacher_train,
+            tdir,
+            lr=lr,
+            train_indices=data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed),
+            param_groups=groups,
+            weights_name=WEIGHTS,
+            weights_of=model,
+            desc=f"teacher {cfg.teacher.name}",
+        )
+        log.info("teacher %s: best test accuracy %.2f%% at epoch %d", cfg.teacher.name, result.best_test_acc, result.best_epoch)
+        finish(tdir)
+        return tdir
+
+
+def load_teacher(cfg: Config, data: Data, device: torch.device) -> tuple[nn.Module, str]:
+    """The finished teacher (best epoch, METHOD 5) in eval mode, and its checkpoint's sha256."""
+    path = artifacts.teacher_dir(cfg) / WEIGHTS
+    if not path.exists():
+        raise CacheError(f"no trained teacher at {path}; train it with: make teacher DATASET={cfg.dataset.name} TEACHER={cfg.teacher.name}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["best"]
+        model = build_teacher(cfg, data)
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise CacheError(f"teacher checkpoint {path} cannot be loaded ({type(exc).__name__}); delete its directory and retrain") from None
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, sha256_file(path)
+
+
+class LiveTeacher:
+    """Teacher features/logits from an eval-mode forward on the (augmented) batch."""
+
+    uses_disk_blocks = False
+
+    def __init__(self, teacher: nn.Module, layers: list[int], logits: bool) -> None:
+        self.teacher, self.layers, self.logits = teacher.eval(), layers, logits
+
+    @torch.no_grad()
+    def batch(self, indices: torch.Tensor, images: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        if self.logits:
+            logits, feats = forward_with_features(self.teacher, images, self.layers)
+            return {k: v.float() for k, v in feats.items()}, logits.float()
+        feats = extract(self.teacher, images, self.layers) if self.layers else {}
+        return {k: v.float() for k, v in feats.items()}, None
+
+
+class CachedTeacher:
+    """Teacher features/logits gathered from features.h5 by sample index (no teacher forward)."""
+
+    def __init__(self, cache: FeatureCache, layers: list[int], logits: bool, device: torch.device, max_ram_bytes: int) -> None:
+        self.cache, self.layers, self.logits, self.device = cache, layers, logits, device
+        names = [layer_name(i) for i in layers] + (["logits"] if logits else [])
+        # In RAM when it fits; otherwise batches are block-shuffled so each reads 1-2 disk regions.
+        self.uses_disk_blocks = not cache.load(names, max_ram_bytes)
+
+    def batch(self, indices: torch.Tensor, images: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        feats = {i: self.cache.gather(layer_name(i), indices).to(self.device, non_blocking=True) for i in self.layers}
+        logits = self.cache.gather("logits", indices).to(self.device, non_blocking=True) if self.logits else None
+        return feats, logits
+
+
+def layer_name(index: int) -> str:
+    """Dataset name of teacher layer `index` in features.h5 / activations.h5."""
+    return f"layer_{index}"
+
+
+def ram_budget() -> int:
+    """Half of the available memory: the feature cache goes to RAM when it fits in this."""
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+        return info.get("MemAvailable", 0) // 2
+    except OSError:
+        return 4 << 30

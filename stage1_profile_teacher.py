@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""Stage 1: train (if needed) and profile a teacher: generalized layers, S/I/E/Q per layer,
+top-k selection, and the HDF5 feature cache that stage 2 distils from.
+
+Examples:
+  python stage1_profile_teacher.py --config configs/demo.yaml
+  python stage1_profile_teacher.py --teacher resnet34 --list-layers
+  python stage1_profile_teacher.py --dataset cifar10 --data-root ~/data --teacher vgg19 profile.k=4
+"""
+from __future__ import annotations
+
+from common import cli
+
+
+def body() -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--list-layers", action="store_true", help="print the teacher's generalized layers (index, module, shape, bytes) and exit")
+    p.add_argument("--train-only", action="store_true", help="only train the teacher (make teacher)")
+    args = p.parse_args()
+    cfg = cli.build_config(args, {})
+
+    from common.data import load_data
+    from common.profile import list_layers, run
+    from common.teacher import ensure_teacher
+
+    data = load_data(cfg.dataset)
+    if args.list_layers:
+        print(list_layers(cfg, data).to_string(index=False))
+        return 0
+    if args.train_only:
+        print(ensure_teacher(cfg, data))
+        return 0
+    profile = run(cfg, data)
+    cols = ["layer", "module", "shape", "S", "I", "E", "Q", "selected"]
+    print(profile.quality[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"selected teacher layers: {profile.selected}")
+    print(f"profile: {profile.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.main(body)

@@ -1,0 +1,42 @@
+#!/usr/bin/env python3
+"""Stage 2: distil a student from the teacher's cached features, once per seed.
+
+Runs that finished are skipped, interrupted runs resume from their checkpoint. A missing teacher
+or profile is built first (stage 1), under a lock, so shell loops over pairs can share one.
+
+Examples:
+  python stage2_distill.py --config configs/demo.yaml --method ours --seeds 0 1 2
+  python stage2_distill.py --teacher resnet34 --student resnet9 --method kd train.epochs=5
+"""
+from __future__ import annotations
+
+from common import cli
+
+
+def body() -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--student", default=None, help="student model name (sets student.name), e.g. resnet9, vgg11, mobilenetv2, vit_ett")
+    p.add_argument("--method", default=None, help="method name (sets method.name); --list-methods shows them")
+    p.add_argument("--seeds", default=None, help='seeds to run, e.g. --seeds "0 1 2" or --seeds 0,1,2 (sets seeds)')
+    p.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
+    args = p.parse_args()
+    if args.list_methods:
+        from common.methods import METHODS
+
+        print("\n".join(METHODS.names()))
+        return 0
+    cfg = cli.build_config(args, {"student": "student.name", "method": "method.name"})
+    if args.seeds is not None:
+        cfg.seeds = cli.parse_seeds([args.seeds])
+
+    from common.distill import run
+
+    results = run(cfg)
+    for r in results:
+        state = "skipped (finished)" if r.skipped else f"best test accuracy {r.best_test_acc:.2f}%"
+        print(f"seed {r.seed}: {state}  {r.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.main(body)

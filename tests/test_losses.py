@@ -1,0 +1,160 @@
+"""Golden values (tests/golden/losses.json, numpy float64) and properties of common/losses.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import losses as L
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "losses.json").read_text())
+
+
+def t(value) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def close(actual: torch.Tensor, expected) -> None:
+    torch.testing.assert_close(actual, t(expected), rtol=1e-10, atol=1e-12)
+
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+# ----------------------------------------------------------------------------- golden values
+
+
+def test_standardize_logits_golden():
+    case = GOLDEN["standardize_logits"]
+    close(L.standardize_logits(t(case["inputs"]["logits"])), case["expected"])
+
+
+@pytest.mark.parametrize("name", ["kd_T4", "kd_T2", "kd_T4_std", "kd_T1_std"])
+def test_kd_loss_golden(name):
+    inputs = GOLDEN[name]["inputs"]
+    value = L.kd_loss(t(inputs["student_logits"]), t(inputs["teacher_logits"]), inputs["temperature"], inputs["standardize"])
+    close(value, GOLDEN[name]["expected"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["mse_teacher_larger", "mse_student_larger", "mse_equal", "mse_teacher_larger_uneven", "mse_tokens", "mse_vector"],
+)
+def test_feature_mse_golden(name):
+    inputs, expected = GOLDEN[name]["inputs"], GOLDEN[name]["expected"]
+    pred, target = t(inputs["prediction"]), t(inputs["target"])
+    close(L.feature_mse_per_sample(pred, target), expected["per_sample"])
+    close(L.feature_mse(pred, target), expected["mean"])
+
+
+def test_fkd_loss_golden_one2one():
+    inputs = GOLDEN["fkd_one2one"]["inputs"]
+    value = L.fkd_loss([t(v) for v in inputs["pair_losses"]], inputs["pair_weights"], inputs["n_student_layers"])
+    close(value, GOLDEN["fkd_one2one"]["expected"])
+
+
+def test_fkd_loss_golden_full_per_sample():
+    inputs = GOLDEN["fkd_full"]["inputs"]
+    value = L.fkd_loss([t(v) for v in inputs["pair_losses"]], inputs["pair_weights"], inputs["n_student_layers"])
+    close(value, GOLDEN["fkd_full"]["expected"])
+
+
+def test_similarity_preserving_golden():
+    inputs, expected = GOLDEN["similarity_preserving"]["inputs"], GOLDEN["similarity_preserving"]["expected"]
+    student, teacher = t(inputs["student"]), t(inputs["teacher"])
+    close(L.normalized_gram(student), expected["gram_student"])
+    close(L.similarity_preserving_loss(student, teacher), expected["loss"])
+
+
+def test_gram_matrix_golden():
+    case = GOLDEN["gram_matrix"]
+    close(L.gram_matrix(t(case["inputs"]["features"])), case["expected"])
+
+
+def test_semckd_attention_golden():
+    inputs = GOLDEN["semckd_attention"]["inputs"]
+    close(L.semckd_attention(t(inputs["queries"]), t(inputs["keys"])), GOLDEN["semckd_attention"]["expected"])
+
+
+def test_semckd_loss_golden():
+    inputs = GOLDEN["semckd_loss"]["inputs"]
+    close(L.semckd_loss(t(inputs["pair_losses"]), t(inputs["weights"])), GOLDEN["semckd_loss"]["expected"])
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+def test_kd_loss_is_zero_for_equal_logits_and_positive_otherwise():
+    z = torch.randn(5, 7)
+    assert L.kd_loss(z, z.clone(), 4.0).abs() < 1e-6
+    assert L.kd_loss(z, torch.randn(5, 7), 4.0) > 0
+
+
+def test_standardized_kd_ignores_logit_shift_and_scale():
+    zs, zt = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    plain = L.kd_loss(zs, zt, 4.0, standardize=True)
+    moved = L.kd_loss(3.0 * zs + 5.0, 0.5 * zt - 2.0, 4.0, standardize=True)
+    torch.testing.assert_close(plain, moved, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(L.kd_loss(zs, zt, 4.0), L.kd_loss(3.0 * zs, zt, 4.0))
+
+
+def test_kd_loss_low_precision_inputs_are_computed_in_float32():
+    zs, zt = torch.randn(4, 6), torch.randn(4, 6)
+    value = L.kd_loss(zs.bfloat16(), zt.bfloat16(), 4.0)
+    assert value.dtype == torch.float32
+
+
+def test_pooled_side_rule():
+    assert L.pooled_side((4, 4), (8, 8)) == "teacher"
+    assert L.pooled_side((4, 4), (4, 4)) == "teacher"
+    assert L.pooled_side((8, 8), (4, 4)) == "student"
+    with pytest.raises(ValueError):
+        L.pooled_side((8, 4), (4, 4))  # larger in one dim only
+    with pytest.raises(ValueError):
+        L.pooled_side((8, 2), (4, 4))
+
+
+def test_pool_larger_pools_the_right_tensor():
+    small, big = torch.randn(2, 3, 2, 2), torch.randn(2, 3, 4, 4)
+    s, tt = L.pool_larger(small, big)
+    assert s is small and tt.shape == (2, 3, 2, 2)
+    torch.testing.assert_close(tt[:, :, 0, 0], big[:, :, :2, :2].mean(dim=(2, 3)))
+    s, tt = L.pool_larger(big, small)
+    assert tt is small and s.shape == (2, 3, 2, 2)
+
+
+def test_feature_mse_rejects_channel_mismatch():
+    with pytest.raises(ValueError):
+        L.feature_mse(torch.randn(2, 3, 2, 2), torch.randn(2, 4, 2, 2))
+
+
+def test_similarity_preserving_uses_the_whole_matrix():
+    # Features whose first rows agree but the rest differ: a row-0-only loss would be 0.
+    student = torch.eye(4, dtype=torch.float64)
+    teacher = torch.eye(4, dtype=torch.float64)
+    teacher[2, 3] = teacher[3, 2] = 1.0
+    assert L.similarity_preserving_loss(student, teacher) > 0
+    torch.testing.assert_close(L.normalized_gram(student)[0], L.normalized_gram(teacher)[0])
+
+
+def test_similarity_preserving_is_scale_invariant_and_zero_for_same_relations():
+    f = torch.randn(6, 5, dtype=torch.float64)
+    assert L.similarity_preserving_loss(f, 10.0 * f) < 1e-6  # eps 1e-4 breaks exact invariance
+
+
+def test_semckd_attention_rows_sum_to_one():
+    w = L.semckd_attention(torch.randn(4, 2, 8), torch.randn(4, 3, 8))
+    assert w.shape == (4, 2, 3)
+    torch.testing.assert_close(w.sum(dim=2), torch.ones(4, 2))
+
+
+def test_relation_matrices_stay_full_precision_under_autocast():
+    f = torch.randn(6, 40)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        gram, cosine = L.gram_matrix(f), L.normalized_gram(f)
+    assert gram.dtype == cosine.dtype == torch.float32
+    torch.testing.assert_close(gram, f @ f.T)

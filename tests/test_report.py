@@ -1,0 +1,285 @@
+"""Stage 3 report: tables and plots from hand-made run directories (METHOD 10, section 0 item 8)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from common import report
+from common.errors import DataError
+
+PAIR = "resnet34__resnet9"
+TEACHER_ID = "resnet34-t0000000"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(root: Path, method: str, seed: int, test: list[float], *, variant: str = "aaaaaaaa",
+             val: list[float] | None = None, status: str = "finished", dataset: str = "fashion_mnist",
+             pair: str = PAIR, train: dict | None = None, seeds: list[int] | None = None,
+             epoch_time: float = 10.0) -> Path:
+    """A run directory as stage 2 writes it, with the given per-epoch test (and val) accuracies."""
+    run_dir = root / dataset / pair / f"{method}-{variant}" / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    config = {
+        "dataset": {"name": dataset, "root": None, "val_size": 0},
+        "train": {"epochs": len(test), "lr": 0.01, "seed": seed, "train_subset": None, **(train or {})},
+        "seeds": seeds if seeds is not None else [seed],
+        "run": {"method": method, "seed": seed, "run_hash": variant, "teacher_id": TEACHER_ID},
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    n = len(test)
+    metrics = pd.DataFrame({
+        "epoch": np.arange(1, n + 1), "train_loss": np.linspace(2, 1, n), "loss_ce": np.linspace(2, 1, n),
+        "train_acc": test, "test_acc": test, "lr": 0.01, "epoch_time_s": epoch_time,
+        "images_per_s": 100.0, "elapsed_s": epoch_time * np.arange(1, n + 1),
+    })
+    if val is not None:
+        metrics.insert(5, "val_acc", val)
+    metrics.to_csv(run_dir / "metrics.csv", index=False)
+    if status == "finished":
+        (run_dir / "done").write_text("2025-01-01\n")
+    elif status == "failed":
+        (run_dir / "failed").write_text("Traceback...\nTrainingError: loss is NaN at epoch 2; lower train.lr\n")
+    return run_dir
+
+
+def make_teacher(root: Path, test: list[float], dataset: str = "fashion_mnist") -> Path:
+    t_dir = root / dataset / TEACHER_ID
+    t_dir.mkdir(parents=True)
+    pd.DataFrame({"epoch": np.arange(1, len(test) + 1), "test_acc": test,
+                  "elapsed_s": np.arange(1, len(test) + 1) * 5.0}).to_csv(t_dir / "metrics.csv", index=False)
+    (t_dir / "config.yaml").write_text(yaml.safe_dump({"teacher": {"name": "resnet34"}}))
+    (t_dir / "done").write_text("ok\n")
+    return t_dir
+
+
+def row(table: pd.DataFrame, method: str, **where) -> pd.Series:
+    sel = table[table["method"] == method]
+    for key, value in where.items():
+        sel = sel[sel[key] == value]
+    assert len(sel) == 1, sel
+    return sel.iloc[0]
+
+
+# ----------------------------------------------------------------------------- per run
+
+
+def test_run_summary_best_last_and_test_at_best_val() -> None:
+    metrics = pd.DataFrame({"epoch": [1, 2, 3, 4], "test_acc": [50.0, 70.0, 65.0, 60.0],
+                            "val_acc": [40.0, 55.0, 72.0, 71.0], "elapsed_s": [1.0, 2.5, 4.0, 6.0]})
+    s = report.run_summary(metrics)
+    assert s["best_test_acc"] == 70.0 and s["best_epoch"] == 2
+    assert s["last_test_acc"] == 60.0
+    assert s["test_at_best_val"] == 65.0  # epoch 3 has the best val accuracy
+    assert s["epochs"] == 4 and s["total_time_s"] == 6.0
+    no_val = report.run_summary(metrics.drop(columns="val_acc"))
+    assert math.isnan(no_val["test_at_best_val"]) and no_val["best_test_acc"] == 70.0
+
+
+def test_find_runs_statuses_missing_seeds_and_filters(tmp_path: Path) -> None:
+    make_run(tmp_path, "ce", 0, [60, 70], seeds=[0, 1, 2])
+    make_run(tmp_path, "ce", 1, [61, 71], status="unfinished", seeds=[0, 1, 2])
+    make_run(tmp_path, "kd", 0, [62, 72], status="failed")
+    make_run(tmp_path, "kd", 0, [60, 70], dataset="cifar10")
+    runs = report.find_runs(tmp_path)
+    fm = runs[runs["dataset"] == "fashion_mnist"]
+    status = {(r.method, r.seed): r.status for r in fm.itertuples()}
+    assert status == {("ce", 0): "finished", ("ce", 1): "unfinished", ("ce", 2): "missing", ("kd", 0): "failed"}
+    failed = row(fm, "kd")
+    assert "loss is NaN" in failed["error"]
+    first = row(fm, "ce", seed=0)
+    assert (first["teacher"], first["student"], first["variant"]) == ("resnet34", "resnet9", "aaaaaaaa")
+    assert list(report.find_runs(tmp_path, datasets=["cifar10"])["dataset"].unique()) == ["cifar10"]
+    assert set(report.find_runs(tmp_path, methods=["kd"])["method"]) == {"kd"}
+    assert len(report.find_runs(tmp_path, pairs=["resnet34->resnet9"])) == len(runs)
+    assert report.find_runs(tmp_path, pairs=["vgg19__vgg11"]).empty
+
+
+# ----------------------------------------------------------------------------- accuracy table
+
+
+def test_accuracy_mean_population_std_gain_and_exclusions(tmp_path: Path) -> None:
+    make_run(tmp_path, "ce", 0, [70, 80, 78], val=[60, 65, 70])
+    make_run(tmp_path, "ce", 1, [72, 82, 81], val=[60, 70, 65])
+    make_run(tmp_path, "ce", 2, [99, 99], status="unfinished")  # never averaged
+    make_run(tmp_path, "ce", 3, [99, 99], status="failed")
+    make_run(tmp_path, "ours", 0, [75, 84, 85])
+    make_teacher(tmp_path, [88.0, 93.5, 93.0])
+    runs = report.find_runs(tmp_path)
+    table = report.accuracy_table(runs, teachers=report.find_teachers(tmp_path))
+    ce = row(table, "ce")
+    assert ce["n_runs"] == 2
+    assert ce["best_mean"] == pytest.approx(81.0) and ce["best_std"] == pytest.approx(1.0)  # ddof=0
+    assert ce["last_mean"] == pytest.approx(79.5) and ce["last_std"] == pytest.approx(1.5)
+    assert ce["best_val_mean"] == pytest.approx((78 + 82) / 2)  # test acc at the best val epochs
+    assert row(table, "ours")["gain_best"] == pytest.approx(85 - 81)
+    assert row(table, "ours")["gain_last"] == pytest.approx(85 - 79.5)
+    teacher = row(table, "teacher")
+    assert teacher["best_mean"] == 93.5 and teacher["gain_best"] == pytest.approx(93.5 - 81)
+    assert list(table["method"]) == ["teacher", "ce", "ours"]
+    unfinished = report.unfinished_table(runs)
+    assert set(zip(unfinished["seed"], unfinished["status"])) == {(2, "unfinished"), (3, "failed")}
+
+
+def test_gain_uses_ce_variant_with_matching_train_section(tmp_path: Path) -> None:
+    make_run(tmp_path, "ce", 0, [60, 70], variant="cefull00", train={"train_subset": None})
+    make_run(tmp_path, "ce", 0, [50, 55], variant="cesub000", train={"train_subset": 1000})
+    # ours differs from both in lr (ignored by the rule) and matches the subset variant
+    make_run(tmp_path, "ours", 0, [58, 59], variant="ourssub0", train={"train_subset": 1000, "lr": 0.05})
+    table = report.accuracy_table(report.find_runs(tmp_path))
+    ours = row(table, "ours")
+    assert ours["ce_variant"] == "cesub000" and ours["gain_best"] == pytest.approx(59 - 55)
+    assert "ce-cefull00" in report.accuracy_markdown(table)  # several ce variants: labelled by hash
+
+
+def ari_table(root: Path, accs: dict[str, float]) -> pd.DataFrame:
+    for method, acc in accs.items():
+        make_run(root, method, 0, [acc - 5, acc])
+    return report.accuracy_table(report.find_runs(root))
+
+
+def test_ari_qualifying_competitors_only(tmp_path: Path) -> None:
+    table = ari_table(tmp_path, {"ce": 80.0, "kd": 82.0, "sp": 84.0, "fitnet": 80.3, "ours": 83.0, "ours_ce": 95.0})
+    # kd (2) and sp (4) qualify; fitnet (0.3 < 0.5) and the ablation ours_ce do not
+    expected = np.mean([3 / 2, 3 / 4])
+    ours = row(table, "ours")
+    assert ours["ari"] == pytest.approx(expected)
+    assert ours["ari_text"] == f"{expected * 100:.0f}%"
+    assert row(table, "kd")["ari_text"] == ""
+    assert report.ari(3.0, [2.0], cutoff=0.5) == pytest.approx(1.5)
+
+
+def test_ari_unstable_and_not_available(tmp_path: Path) -> None:
+    assert row(ari_table(tmp_path / "a", {"ce": 80.0, "kd": 82.0, "ours": 79.0}), "ours")["ari_text"] == "unstable"
+    assert row(ari_table(tmp_path / "b", {"ce": 80.0, "kd": 80.5, "ours": 88.0}), "ours")["ari_text"] == "unstable"  # 16 >= 15
+    assert row(ari_table(tmp_path / "c", {"ce": 80.0, "kd": 80.2, "ours": 83.0}), "ours")["ari_text"] == "n/a"
+    assert math.isnan(row(ari_table(tmp_path / "d", {"ce": 80.0, "kd": 80.2, "ours": 83.0}), "ours")["ari"])
+
+
+def test_drop_outliers_is_opt_in(tmp_path: Path) -> None:
+    for seed, acc in enumerate([90.0, 88.9, 89.0]):  # 88.9 is > 1 pt below 90; 89.0 is exactly 1 pt
+        make_run(tmp_path, "kd", seed, [acc - 3, acc])
+    runs = report.find_runs(tmp_path)
+    default = row(report.accuracy_table(runs), "kd")
+    assert default["n_runs"] == 3 and default["best_mean"] == pytest.approx((90 + 88.9 + 89) / 3)
+    dropped = row(report.accuracy_table(runs, drop_outliers=True), "kd")
+    assert dropped["n_runs"] == 2 and dropped["n_dropped"] == 1
+    assert dropped["best_mean"] == pytest.approx(89.5) and dropped["best_std"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- epochs to target
+
+
+def test_epochs_to_target_reached_not_reached_and_explicit(tmp_path: Path) -> None:
+    make_run(tmp_path, "ce", 0, [50, 60, 70, 75], epoch_time=10.0)
+    make_run(tmp_path, "ce", 1, [55, 65, 72, 74], epoch_time=10.0)
+    make_run(tmp_path, "ours", 0, [60, 70, 74, 80], epoch_time=10.0)
+    make_run(tmp_path, "ours", 1, [62, 76, 77, 78], epoch_time=20.0)
+    make_run(tmp_path, "kd", 0, [50, 60, 70, 74.9])
+    runs = report.find_runs(tmp_path)
+    ett = report.epochs_to_target(runs)
+    ours = row(ett, "ours")
+    # curve = max over runs per epoch = [62, 76, 77, 80]; target = max ce curve = 75
+    assert ours["target"] == 75.0 and ours["epoch"] == 2
+    assert ours["epochs_saved_pct"] == pytest.approx(50.0)
+    assert ours["time_to_target_s"] == pytest.approx((20.0 + 40.0) / 2)  # mean elapsed at epoch 2
+    assert row(ett, "ce")["epoch"] == 4
+    kd = row(ett, "kd")
+    assert not kd["reached"] and pd.isna(kd["epoch"]) and math.isnan(kd["epochs_saved_pct"])
+    md = report.epochs_markdown(ett)
+    kd_line = next(line for line in md.splitlines() if "| kd " in line)
+    assert "not reached" in kd_line
+    explicit = report.epochs_to_target(runs, target=70.0)
+    assert row(explicit, "kd")["epoch"] == 3 and row(explicit, "ours")["epoch"] == 2
+    assert set(explicit["target_source"]) == {"explicit"}
+
+
+# ----------------------------------------------------------------------------- writers and plots
+
+
+def test_write_tables_markdown_and_latex(tmp_path: Path) -> None:
+    arts = tmp_path / "artifacts"
+    make_run(arts, "ce", 0, [80, 81])
+    make_run(arts, "kd_std", 0, [70, 72])  # never reaches the target; '_' must be escaped in LaTeX
+    make_run(arts, "ours", 0, [85, 86])
+    runs = report.find_runs(arts)
+    acc = report.accuracy_table(runs)
+    files = report.write_tables(acc, report.epochs_to_target(runs), report.unfinished_table(runs), tmp_path / "out")
+    assert set(files) == {"accuracy.csv", "accuracy.md", "accuracy.tex", "epochs_to_target.csv",
+                          "epochs_to_target.md", "unfinished.csv", "unfinished.md"}
+    assert all(p.is_file() for p in files.values())
+    md = files["accuracy.md"].read_text()
+    assert "81.00 ± 0.00" in md and "+5.00" in md
+    tex = files["accuracy.tex"].read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "kd\\_std" in tex and "resnet34 $\\to$ resnet9" in tex
+    assert "81.00 $\\pm$ 0.00" in tex
+    ari_cell = f"{(5 / (72 - 81)) * 100:.0f}"  # ours' ARI: kd_std has Delta < 0.5 -> n/a
+    assert ari_cell not in tex and "n/a" in tex
+    body = tex.split("\\midrule", 1)[1]
+    assert "_" not in body.replace("\\_", "") and "%" not in body.replace("\\%", "")
+    assert report.latex_escape("a_b & 5% #1 {x}") == "a\\_b \\& 5\\% \\#1 \\{x\\}"
+    ett = pd.read_csv(files["epochs_to_target.csv"])
+    assert ett.loc[ett["method"] == "kd_std", "epoch"].isna().all()
+    assert "not reached" in files["epochs_to_target.md"].read_text()
+
+
+def write_profile(root: Path) -> Path:
+    profile = root / "fashion_mnist" / TEACHER_ID / "profile-p0000000"
+    profile.mkdir(parents=True)
+    n = 6
+    pd.DataFrame({
+        "layer": range(n), "module": [f"m{i}" for i in range(n)], "kind": "ReLU", "shape": "(8,4,4)",
+        "dim": 128, "S": np.linspace(0, 0.5, n), "I": np.linspace(0.2, 0.6, n), "E": np.linspace(1, 0.5, n),
+        "sqrtIE": 0.5, "Q": np.linspace(0.3, 0.9, n), "selected": [False, False, True, True, False, True],
+    }).to_csv(profile / "quality.csv", index=False)
+    (profile / "selection.yaml").write_text(yaml.safe_dump({"criterion": "Q", "k": 3, "layers": [2, 3, 5]}))
+    return profile
+
+
+def test_plots_are_written(tmp_path: Path) -> None:
+    arts = tmp_path / "artifacts"
+    make_run(arts, "ce", 0, [60, 70, 72])
+    make_run(arts, "ce", 1, [62, 71, 73])
+    make_run(arts, "ours", 0, [65, 74, 76])
+    make_teacher(arts, [80, 85, 86])
+    profile = write_profile(arts)
+    paths = report.plot_accuracy_curves(report.find_runs(arts), tmp_path / "plots",
+                                        teachers=report.find_teachers(arts))
+    paths += report.plot_all_profiles(arts, tmp_path / "plots")
+    paths.append(report.plot_quality(pd.read_csv(profile / "quality.csv"), [2, 3], tmp_path / "q.png", title="t"))
+    assert len(paths) == 3
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
+
+
+def test_run_end_to_end_and_errors(tmp_path: Path) -> None:
+    arts = tmp_path / "artifacts"
+    make_run(arts, "ce", 0, [60, 70])
+    make_run(arts, "ours", 0, [65, 75])
+    make_run(arts, "kd", 0, [61, 71], status="unfinished")
+    make_teacher(arts, [80, 85])
+    write_profile(arts)
+    out = report.run(arts, tmp_path / "report", methods=["ours"])  # ce is kept for the gains
+    assert set(out["accuracy"]["method"]) == {"teacher", "ce", "ours"}
+    assert out["unfinished"].empty  # the kd run was filtered out
+    assert all(Path(p).is_file() for p in out["files"].values()) and len(out["plots"]) == 2
+    assert "ours" in out["markdown"]["accuracy"] and "| ce " in out["markdown"]["epochs_to_target"]
+    stale = arts / "fashion_mnist" / "resnet34-t1111111"  # a teacher still training: listed, not used
+    stale.mkdir()
+    pd.DataFrame({"epoch": [1], "test_acc": [99.0]}).to_csv(stale / "metrics.csv", index=False)
+    full = report.run(arts, tmp_path / "report2")
+    assert list(zip(full["unfinished"]["method"], full["unfinished"]["status"])) == [
+        ("kd", "unfinished"), ("teacher", "unfinished")]
+    assert list(full["accuracy"].loc[full["accuracy"]["method"] == "teacher", "best_mean"]) == [85.0]
+    assert "unfinished" in (tmp_path / "report2" / "unfinished.md").read_text()
+    with pytest.raises(DataError, match="not found"):
+        report.run(tmp_path / "nowhere", tmp_path / "x")
+    with pytest.raises(DataError, match="available datasets: fashion_mnist"):
+        report.run(arts, tmp_path / "x", datasets=["cifar100"])
+    with pytest.raises(DataError, match="run stage 2 first"):
+        (tmp_path / "empty").mkdir()
+        report.run(tmp_path / "empty", tmp_path / "x")
