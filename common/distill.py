@@ -25,7 +25,7 @@ from common.models import MODELS, create_model
 from common.profile import ensure_features, list_layers
 from common.profile import run as run_profile
 from common.profile import select_from_quality
-from common.teacher import CachedTeacher, LiveTeacher, ensure_teacher, load_teacher, ram_budget
+from common.teacher import CachedTeacher, check_names, LiveTeacher, ensure_teacher, load_teacher, ram_budget
 from common.train import TeacherSource, finish, fit, resolve_device, seed_everything
 
 log = logging.getLogger("kd")
@@ -74,6 +74,7 @@ def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int],
 def run(cfg: Config, seeds: list[int] | None = None) -> list[RunResult]:
     """Train one student per seed (skipping finished runs); returns what happened per seed."""
     seeds = list(seeds if seeds is not None else cfg.seeds)
+    check_names(cfg)
     data = load_data(cfg.dataset)
     spec = resolve_method(cfg.method)
     method = dataclasses.asdict(spec)
@@ -173,6 +174,7 @@ def _train_one(
         student_layers=student_layers,
         teacher_shapes=teacher_shapes,
         teacher=teacher_model,
+        batch_size=train_cfg.batch_size,
     )
     model_spec = MODELS.get(cfg.student.name)
     lr = train_cfg.lr if train_cfg.lr is not None else (model_spec.lr_ce if spec.name == "ce" else model_spec.lr_kd)

@@ -94,7 +94,7 @@ def versions() -> dict[str, str]:
     return {
         "code": code_version(),
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "numpy": numpy.__version__,
         "h5py": h5py.__version__,
         "cuda": torch.version.cuda or "none",

@@ -71,11 +71,13 @@ def list_layers(cfg: Config, data: Data) -> pd.DataFrame:
 
 def run(cfg: Config, data: Data | None = None) -> Profile:
     """Run every stage-1 step that is not already done; returns the profile."""
+    MODELS.get(cfg.teacher.name)
     data = data if data is not None else load_data(cfg.dataset)
     ensure_teacher(cfg, data)
     pdir = artifacts.profile_dir(cfg)
     with file_lock(pdir / ".lock"):
-        atomic_write_yaml(pdir / "config.yaml", {**to_dict(cfg), "run": {"kind": "profile", "versions": versions()}})
+        if not (pdir / "config.yaml").exists():
+            atomic_write_yaml(pdir / "config.yaml", {**to_dict(cfg), "run": {"kind": "profile", "versions": versions()}})
         device = resolve_device(cfg.profile.device)
         teacher, teacher_sha = load_teacher(cfg, data, device)
         quality = _ensure_quality(cfg, data, teacher, teacher_sha, pdir, device)
@@ -182,7 +184,12 @@ def _ensure_selection(cfg: Config, quality: pd.DataFrame, pdir: Path) -> list[in
     else:
         selected = select_from_quality(quality, cfg.profile.k, cfg.profile.criterion)
         how = f"top-{cfg.profile.k} by {cfg.profile.criterion}"
-    quality["selected"] = quality["layer"].isin(selected)
+    marked = quality["layer"].isin(selected)
+    previous = _read_yaml(pdir / SELECTION)
+    if previous.get("layers") == selected and bool((quality["selected"] == marked).all()) and (pdir / "quality.png").exists():
+        log.info("profile: selection %s (%s) is up to date", selected, how)
+        return selected
+    quality["selected"] = marked
     atomic_write(pdir / QUALITY, lambda tmp: quality.to_csv(tmp, index=False))
     atomic_write_yaml(
         pdir / SELECTION,
@@ -285,9 +292,12 @@ def _valid(path: Path, meta: dict) -> bool:
         return False
 
 
+def _read_yaml(path: Path) -> dict:
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
 def _sidecar(pdir: Path) -> dict:
-    path = pdir / "quality.meta.yaml"
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
+    return _read_yaml(pdir / "quality.meta.yaml")
 
 
 def _shape(text: str) -> tuple[int, ...]:

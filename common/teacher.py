@@ -28,6 +28,13 @@ log = logging.getLogger("kd")
 WEIGHTS = "teacher.pt"
 
 
+def check_names(cfg: Config) -> None:
+    """Fail on a misspelt model or method name before any long work starts."""
+    MODELS.get(cfg.teacher.name)
+    MODELS.get(cfg.student.name)
+    resolve_method(cfg.method)
+
+
 def build_teacher(cfg: Config, data: Data, pretrained: bool = False) -> nn.Module:
     return create_model(
         cfg.teacher.name,

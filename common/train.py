@@ -170,7 +170,7 @@ def fit(
                 logits, losses = model.forward_train(x, y, t_feats, t_logits)  # type: ignore[operator]
             loss = sum(losses.values())
             if not torch.isfinite(loss):
-                terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+                terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
                 raise TrainingError(
                     f"loss is not finite at epoch {epoch} step {step + 1} ({terms}); the last good checkpoint "
                     f"(epoch {start_epoch - 1 if not rows else rows[-1]['epoch']}) is kept in {run_dir}; lower train.lr or check the inputs"

@@ -20,7 +20,7 @@ OUT = Path(__file__).with_name("quality.json")
 # name -> spec. a/b: samples per class in subsets A/B (a list: per class); shape: feature shape per
 # sample; std: per-dimension noise scale profile; relu: make features non-negative (conv-like);
 # shared: subset B is subset A; offset: common offset added to every feature (cancellation case);
-# twin: a class-1 sample placed within ~1e-4 of a class-0 sample (near-duplicate across classes).
+# twin: near-duplicates (~1e-4 apart) across classes, for every class.
 CASES: dict[str, dict] = {
     # D < n_per_class (B), truncation T = D: no padding inside the truncated spectrum
     "d_lt_n": dict(seed=1, classes=3, a=6, b=12, shape=[6], std=[10, 3, 1, 0.3, 0.1, 0.03], n_train=60000),
@@ -71,9 +71,13 @@ def case_inputs(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     per_b = spec["b"] if isinstance(spec["b"], list) else [spec["b"]] * spec["classes"]
     xa, ya = _sample(rng, spec, per_a)
     if spec.get("twin"):
+        # every class c >= 1 gets a near copy of a class-0 sample, so every class's minimum
+        # inter-class distance is tiny next to the norms
         flat = xa.reshape(len(xa), -1)
-        first_of_class1 = int(np.flatnonzero(ya == 1)[0])
-        flat[first_of_class1] = flat[0] + rng.normal(scale=1e-4, size=flat.shape[1])
+        class0 = np.flatnonzero(ya == 0)
+        for c in range(1, spec["classes"]):
+            first = int(np.flatnonzero(ya == c)[0])
+            flat[first] = flat[class0[c - 1]] + rng.normal(scale=1e-4, size=flat.shape[1])
         xa = flat.reshape(xa.shape)
     if spec.get("shared"):
         xb, yb = xa.copy(), ya.copy()

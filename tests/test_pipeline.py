@@ -1,0 +1,250 @@
+"""All three stages end to end on a tiny stand-in dataset, plus skip / resume / invalidation."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from common import artifacts, distill, profile, report
+from common.cache import FeatureCache
+from common.config import Config, load_config
+from common.data import load_data
+from common.errors import CacheError, ConfigError, TrainingError
+from common.teacher import CachedTeacher, LiveTeacher, load_teacher
+from common.train import fit
+from tests.fakedata import make_fashion_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(tmp: Path, *extra: str) -> Config:
+    data_root = tmp / "fmnist"
+    if not data_root.exists():
+        make_fashion_mnist(data_root, n_train=200, n_test=60, seed=0)
+    return load_config(
+        None,
+        [
+            f"dataset.root={data_root}",
+            f"artifacts={tmp / 'artifacts'}",
+            "teacher.name=resnet18",
+            "teacher.width=0.125",
+            "student.name=resnet9",
+            "student.width=0.125",
+            "teacher_train.epochs=2",
+            "teacher_train.batch_size=32",
+            "teacher_train.progress=false",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.progress=false",
+            "profile.subset_size=100",
+            "profile.per_class_cap=10",
+            "profile.batch_size=64",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg = tiny_config(tmp)
+    data = load_data(cfg.dataset)
+    prof = profile.run(cfg, data)
+    return tmp, cfg, data, prof
+
+
+def test_profile_writes_quality_selection_and_features(profiled):
+    _, cfg, data, prof = profiled
+    quality = pd.read_csv(prof.dir / "quality.csv")
+    for col in ["layer", "module", "shape", "dim", "S", "I", "E", "Q", "selected"]:
+        assert col in quality.columns
+    assert len(quality) == 10  # resnet18: stem + 8 blocks + flatten
+    assert quality["selected"].sum() == 4 and sorted(quality.loc[quality["selected"], "layer"]) == prof.selected
+    assert prof.selected == sorted(quality.nlargest(4, "Q")["layer"].tolist())
+    selection = yaml.safe_load((prof.dir / "selection.yaml").read_text())
+    assert selection["layers"] == prof.selected
+    assert (prof.dir / "quality.png").stat().st_size > 1000
+    with FeatureCache(prof.features) as cache:
+        assert cache.n == len(data.train.labels)
+        assert set(cache.meta["layers"]) >= set(prof.selected) | {2, 4, 6, 8}  # + resnet18's baseline list
+        assert cache.meta["teacher_sha256"] == load_teacher(cfg, data, torch.device("cpu"))[1]
+        assert cache.meta["dtype"] == "float16"
+        assert torch.equal(cache.gather("labels", torch.arange(5)), data.train.labels[:5])
+
+
+def test_rerun_does_no_work(profiled):
+    _, cfg, data, prof = profiled
+    stamps = {p.name: p.stat().st_mtime_ns for p in prof.dir.iterdir() if p.suffix in (".h5", ".csv")}
+    again = profile.run(cfg, data)
+    assert {p.name: p.stat().st_mtime_ns for p in again.dir.iterdir() if p.suffix in (".h5", ".csv")} == stamps
+
+
+def test_cached_features_equal_live_teacher(profiled):
+    _, cfg, data, prof = profiled
+    teacher, _ = load_teacher(cfg, data, torch.device("cpu"))
+    layers = prof.selected
+    idx = torch.tensor([5, 0, 17, 3])
+    with FeatureCache(prof.features) as cache:
+        cached = CachedTeacher(cache, layers, True, torch.device("cpu"), 1 << 30)
+        c_feats, c_logits = cached.batch(idx, data.normalize(data.train.images[idx]))
+    l_feats, l_logits = LiveTeacher(teacher, layers, True).batch(idx, data.normalize(data.train.images[idx]))
+    for i in layers:  # float16 cache vs float32 forward
+        torch.testing.assert_close(c_feats[i], l_feats[i], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(c_logits, l_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_distill_report_and_skip(profiled):
+    tmp, cfg, _, _ = profiled
+    for method in ("ce", "ours", "kd"):
+        cfg.method.name = method
+        results = distill.run(cfg, seeds=[0])
+        assert not results[0].skipped
+        rdir = results[0].dir
+        assert (rdir / "done").exists() and (rdir / "student.pt").exists()
+        metrics = pd.read_csv(rdir / "metrics.csv")
+        assert list(metrics["epoch"]) == [1, 2]
+        resolved = yaml.safe_load((rdir / "config.yaml").read_text())
+        assert resolved["run"]["seed"] == 0 and resolved["train"]["seed"] == 0 and "torch" in resolved["run"]["versions"]
+        assert not (rdir / "checkpoint.pt").exists()
+    assert "loss_feat" in metrics.columns or "loss_kd" in metrics.columns
+    cfg.method.name = "ours"
+    assert distill.run(cfg, seeds=[0])[0].skipped  # a rerun skips finished work
+    out = report.run(Path(cfg.artifacts), tmp / "reports")
+    acc = out["accuracy"]
+    assert {"ce", "ours", "kd"} <= set(acc["method"])
+    assert (tmp / "reports" / "accuracy.md").exists() and (tmp / "reports" / "epochs_to_target.md").exists()
+
+
+def test_different_settings_never_share_a_run_dir(profiled):
+    _, cfg, _, _ = profiled
+    from common.methods import resolve_method
+    import dataclasses
+
+    spec = dataclasses.asdict(resolve_method(cfg.method))
+    a = artifacts.run_dir(cfg, spec, True, 0)
+    other = load_config(None, ["train.epochs=3"])
+    other = dataclasses.replace(cfg, train=other.train)
+    assert artifacts.run_dir(other, spec, True, 0) != a
+    assert artifacts.run_dir(cfg, spec, True, 1).parent == a.parent  # only the seed differs
+
+
+def test_changed_teacher_invalidates_cache(tmp_path):
+    cfg = tiny_config(tmp_path, "teacher_train.epochs=1", "profile.layers=[1,2,3,4]")
+    data = load_data(cfg.dataset)
+    prof = profile.run(cfg, data)
+    with FeatureCache(prof.features) as cache:
+        old_sha = cache.meta["teacher_sha256"]
+    # Replace the teacher's weights: the cache must be refused, then rebuilt.
+    path = artifacts.teacher_dir(cfg) / "teacher.pt"
+    state = torch.load(path, weights_only=True)
+    state["best"] = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in state["best"].items()}
+    torch.save(state, path)
+    new_sha = load_teacher(cfg, data, torch.device("cpu"))[1]
+    with FeatureCache(prof.features) as cache, pytest.raises(CacheError, match="teacher_sha256"):
+        cache.check({"teacher_sha256": new_sha}, rebuild_hint="make profile")
+    profile.ensure_features(cfg, data, [1, 2])
+    with FeatureCache(prof.features) as cache:
+        assert cache.meta["teacher_sha256"] == new_sha != old_sha
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_same_result(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "method.name=ce", "train.epochs=3")
+    full = distill.run(cfg, seeds=[0])[0].dir
+    reference = pd.read_csv(full / "metrics.csv")
+    import shutil
+
+    shutil.rmtree(full.parent)
+    import common.train as train_mod
+
+    real = train_mod.evaluate
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # die in epoch 2, after epoch 1's checkpoint
+            raise _Interrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", flaky)
+    with pytest.raises(_Interrupt):
+        distill.run(cfg, seeds=[0])
+    assert (full / "checkpoint.pt").exists() and not (full / "done").exists()
+    monkeypatch.setattr(train_mod, "evaluate", real)
+    distill.run(cfg, seeds=[0])
+    resumed = pd.read_csv(full / "metrics.csv")
+    cols = ["epoch", "train_loss", "train_acc", "test_acc", "lr"]
+    pd.testing.assert_frame_equal(resumed[cols], reference[cols])
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path)
+    data = load_data(cfg.dataset)
+
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(28 * 28, 10)
+            self.steps = 0
+
+        def forward_train(self, x, y, feats, logits):
+            self.steps += 1
+            out = self.lin(x.flatten(1))
+            loss = torch.nn.functional.cross_entropy(out, y)
+            if self.steps > 6:  # epoch 2 (6 steps per epoch)
+                loss = loss * float("nan")
+            return out, {"ce": loss}
+
+        def forward_eval(self, x):
+            return self.lin(x.flatten(1))
+
+    with pytest.raises(TrainingError, match="not finite.*epoch 2.*epoch 1"):
+        fit(Exploding(), data, cfg.train, tmp_path / "run", lr=0.01, train_indices=data.train_indices)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
+def test_one2one_needs_equal_layer_counts(profiled):
+    _, cfg, data, _ = profiled
+    from common.methods import resolve_method
+
+    cfg2 = load_config(None, [f"dataset.root={cfg.dataset.root}", "teacher.name=resnet18", "method.name=ours", "method.student_layers=[1,2]", "profile.layers=[1,2,3]"])
+    with pytest.raises(ConfigError, match="one-to-one"):
+        distill.resolve_pairs(cfg2, resolve_method(cfg2.method), data)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("script", ["stage1_profile_teacher.py", "stage2_distill.py", "stage3_evaluate.py"])
+def test_scripts_have_help(script):
+    out = _cli(script, "--help")
+    assert out.returncode == 0 and "usage" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["stage2_distill.py", "--student", "resnet99"], ["unknown model 'resnet99'"]),
+        (["stage2_distill.py", "train.epoch=3"], ["unknown config key 'train.epoch'"]),
+        (["stage2_distill.py", "--method", "ourz"], ["unknown method 'ourz'"]),
+        (["stage1_profile_teacher.py", "dataset.root=/nonexistent", "--list-layers"], ["/nonexistent"]),
+    ],
+)
+def test_bad_input_is_one_line_error(args, words, tmp_path):
+    out = _cli(*args, f"--artifacts={tmp_path}")
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    for word in words:
+        assert word in lines[0]
