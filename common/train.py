@@ -8,6 +8,7 @@ The loop knows nothing of any method: it calls `distiller.forward_train` and sum
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -26,6 +27,8 @@ from common.config import TrainConfig
 from common.data import Data, augment_batch
 from common.errors import ConfigError, TrainingError
 from common.io import atomic_torch_save, atomic_write, atomic_write_text
+
+log = logging.getLogger("kd")
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -218,11 +221,14 @@ def fit(
                 "epoch": epoch,
             },
         )
+        line = (
+            f"{desc} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} train {row['train_acc']:.2f}% "
+            f"test {row['test_acc']:.2f}%" + (f" val {row['val_acc']:.2f}%" if has_val else "") + f" ({epoch_time:.1f}s)"
+        )
         if cfg.progress:
-            tqdm.write(
-                f"{desc} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} train {row['train_acc']:.2f}% "
-                f"test {row['test_acc']:.2f}%" + (f" val {row['val_acc']:.2f}%" if has_val else "") + f" ({epoch_time:.1f}s)"
-            )
+            tqdm.write(line)  # keeps the progress bar intact
+        else:
+            log.info(line)
 
     atomic_torch_save(
         run_dir / weights_name,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from common import quality
 from common.errors import ConfigError, DataError
 from common.quality import (
     CRITERIA,
@@ -63,6 +64,31 @@ def test_layer_stats_matches_golden_rederivation(name):
     expected = GOLDEN[name]["expected"]
     for key in STAT_KEYS:
         assert stats[key] == pytest.approx(expected[key], rel=1e-5, abs=0.0), key
+
+
+@pytest.mark.parametrize("name", ["offset_twin", "quirk_zero", "conv4d"])
+def test_chunking_does_not_change_results(name, monkeypatch):
+    # tiny chunks exercise every chunked path: feature chunks and row blocks of the Gram, row
+    # chunks inside a class, candidate batches and the class-spectrum Gram
+    monkeypatch.setattr(quality, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(quality, "_ROW_BLOCK", 4)
+    stats = layer_stats(*_case(name))
+    expected = GOLDEN[name]["expected"]
+    for key in STAT_KEYS:
+        assert stats[key] == pytest.approx(expected[key], rel=1e-5, abs=0.0), key
+
+
+def test_cross_class_duplicates_give_zero_distance_even_past_the_candidate_cap(monkeypatch):
+    monkeypatch.setattr(quality, "_MAX_CANDIDATES", 3)
+    g = torch.Generator().manual_seed(2)
+    base = 100.0 + torch.randn(6, 12, generator=g, dtype=torch.float64)
+    xa = torch.cat([base, base, 100.0 + torch.randn(6, 12, generator=g, dtype=torch.float64)])
+    ya = torch.arange(3).repeat_interleave(6)
+    stats = layer_stats(xa, ya, xa, ya, 1000)
+    dist = torch.cdist(xa, xa)
+    brute = [dist[ya == c][:, ya != c].min().item() for c in range(3)]
+    assert brute[0] == brute[1] == 0.0
+    assert stats["AvgMinInterDist"] == pytest.approx(sum(brute) / 3, rel=1e-9)
 
 
 def test_golden_cases_cover_both_regimes_truncation_and_quirk():
@@ -127,7 +153,8 @@ def test_truncation_is_the_sum_of_class_95_percent_dimensions():
     )
     entropy, truncation = class_entropies(lam, torch.tensor([6, 6]))
     assert truncation == 4  # k95 = 2 for both classes
-    assert entropy.tolist() == pytest.approx([_entropy([0.7, 0.27, 0.01, 0.01]), _entropy([0.9, 0.08, 0.01, 0.005])])
+    expected = [_entropy([0.7, 0.27, 0.01, 0.01]), _entropy([0.9, 0.08, 0.01, 0.005])]
+    assert entropy.tolist() == pytest.approx(expected, rel=1e-12)
 
 
 def test_zero_variance_class_behaves_like_the_reference():

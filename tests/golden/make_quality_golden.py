@@ -26,7 +26,9 @@ CASES: dict[str, dict] = {
     "d_lt_n": dict(seed=1, classes=3, a=6, b=12, shape=[6], std=[10, 3, 1, 0.3, 0.1, 0.03], n_train=60000),
     # D < n_k for two of three classes and T between them: the exact-zero H_k = 0 quirk hits
     # classes 0 and 1 only (their spectrum length 8 < T)
-    "quirk_zero": dict(seed=2, classes=3, a=5, b=[8, 8, 12], shape=[10], std=[4, 3.5, 3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], n_train=60000),
+    "quirk_zero": dict(
+        seed=2, classes=3, a=5, b=[8, 8, 12], shape=[10], std=[4, 3.5, 3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], n_train=60000
+    ),
     # D > n_per_class, near-isotropic: T = n_max
     "d_gt_n": dict(seed=3, classes=4, a=8, b=10, shape=[40], std="flat", n_train=50000),
     # D > n_per_class but a few strong directions: T (sum of k95) < n_max
@@ -36,7 +38,9 @@ CASES: dict[str, dict] = {
     # token-like 3-D features, subset B = subset A
     "tokens3d": dict(seed=6, classes=3, a=8, b=8, shape=[5, 7], std="flat", shared=True, n_train=60000),
     # large common offset and a near-duplicate pair across classes: the distance trick cancels
-    "offset_twin": dict(seed=7, classes=3, a=6, b=6, shape=[20], std="flat", offset=1000.0, twin=True, n_train=60000),
+    "offset_twin": dict(
+        seed=7, classes=3, a=6, b=6, shape=[20], std="flat", offset=1000.0, twin=True, n_train=60000
+    ),
 }
 
 
@@ -145,6 +149,12 @@ def derive(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, yb: np.ndarray, n_tra
     }
 
 
+def _plain(value):
+    if isinstance(value, list):
+        return value
+    return int(value) if isinstance(value, (int, np.integer)) else float(value)
+
+
 def checksum(*arrays: np.ndarray) -> float:
     return float(sum(np.abs(a).sum() for a in arrays))
 
@@ -156,8 +166,7 @@ def main() -> None:
         values = derive(xa, ya, xb, yb, n_train)
         golden[name] = {
             "checksum": checksum(xa, xb),
-            "expected": {k: (v if isinstance(v, list) else (int(v) if isinstance(v, (int, np.integer)) else float(v)))
-                         for k, v in values.items()},
+            "expected": {key: _plain(value) for key, value in values.items()},
         }
     OUT.write_text(json.dumps(golden, indent=1) + "\n")
 
