@@ -47,9 +47,9 @@ def main() -> None:
         for name, variant in VARIANTS.items():
             with tempfile.TemporaryDirectory() as tmp:
                 # The student run goes to `tmp`; the teacher directory is linked in unchanged.
-                link = Path(tmp) / cfg.dataset.name / artifacts.teacher_id(cfg)
+                link = Path(tmp) / cfg.dataset.name / artifacts.teacher_id(cfg, data)
                 link.parent.mkdir(parents=True)
-                os.symlink(artifacts.teacher_dir(cfg).resolve(), link)
+                os.symlink(artifacts.teacher_dir(cfg, data).resolve(), link)
                 run_cfg = dataclasses.replace(
                     cfg,
                     artifacts=tmp,

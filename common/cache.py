@@ -195,7 +195,7 @@ def _stream_rows(
     progress: bool,
 ) -> None:
     start = 0
-    with tqdm(total=n, unit="rows", desc=path.name, disable=not progress) as bar:
+    with tqdm(total=n, unit="rows", desc=path.name, disable=None if progress else True) as bar:  # None: off when not a terminal
         for batch in batches:
             if set(batch) != set(datasets):
                 raise ValueError(f"batch names {sorted(batch)} differ from the datasets {sorted(datasets)}")

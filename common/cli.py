@@ -33,7 +33,7 @@ def build_config(args: argparse.Namespace, flag_keys: dict[str, str]) -> Config:
             overrides.append(f"{key}={value}")
     overrides += list(args.overrides)
     if args.quiet:
-        overrides += ["train.progress=false", "teacher_train.progress=false"]
+        overrides += ["train.progress=false", "teacher_train.progress=false", "profile.progress=false"]
     return load_config(args.config, overrides)
 
 

@@ -75,6 +75,7 @@ class ProfileConfig:
     batch_size: int = 256
     cache_dtype: str = "float16"  # dtype of features.h5 (float16 | float32)
     device: str = "auto"
+    progress: bool = True
 
 
 @dataclass

@@ -79,10 +79,10 @@ def run(cfg: Config, seeds: list[int] | None = None) -> list[RunResult]:
     spec = resolve_method(cfg.method)
     method = dataclasses.asdict(spec)
     needs_teacher = uses_teacher(spec)
-    todo = [s for s in seeds if not (artifacts.run_dir(cfg, method, needs_teacher, s) / "done").exists()]
+    todo = [s for s in seeds if not (artifacts.run_dir(cfg, data, method, needs_teacher, s) / "done").exists()]
     for s in sorted(set(seeds) - set(todo)):
-        log.info("distill %s seed %d: finished, skipping (%s)", spec.name, s, artifacts.run_dir(cfg, method, needs_teacher, s))
-    results = [RunResult(s, artifacts.run_dir(cfg, method, needs_teacher, s), True) for s in seeds if s not in todo]
+        log.info("distill %s seed %d: finished, skipping (%s)", spec.name, s, artifacts.run_dir(cfg, data, method, needs_teacher, s))
+    results = [RunResult(s, artifacts.run_dir(cfg, data, method, needs_teacher, s), True) for s in seeds if s not in todo]
     if not todo:
         return results
 
@@ -100,7 +100,7 @@ def run(cfg: Config, seeds: list[int] | None = None) -> list[RunResult]:
     source = _teacher_source(cfg, data, spec, teacher_layers, device) if needs_teacher else None
     teacher_model = load_teacher(cfg, data, device)[0] if spec.teacher_head else None
     for seed in todo:
-        rdir = artifacts.run_dir(cfg, method, needs_teacher, seed)
+        rdir = artifacts.run_dir(cfg, data, method, needs_teacher, seed)
         with file_lock(rdir / ".lock"):
             if (rdir / "done").exists():  # another process finished it while we waited
                 results.append(RunResult(seed, rdir, True))
@@ -153,7 +153,7 @@ def _train_one(
             "method": spec.name,
             "seed": seed,
             "run_hash": rdir.parent.name.rsplit("-", 1)[-1],
-            "teacher_id": artifacts.teacher_id(cfg) if source is not None else None,
+            "teacher_id": artifacts.teacher_id(cfg, data) if source is not None else None,
             "teacher_layers": teacher_layers,
             "student_layers": student_layers,
             "versions": versions(),

@@ -26,7 +26,7 @@ from common.cache import FeatureCache, write_h5
 from common.config import Config, to_dict
 from common.data import Data, load_data
 from common.errors import CacheError, ConfigError
-from common.io import atomic_write, atomic_write_yaml, code_version, file_lock, versions
+from common.io import atomic_write, atomic_write_yaml, code_version, file_lock, peak_rss_mb, versions
 from common.layers import extract, forward_with_features, layer_table, resolve_layers
 from common.models import MODELS
 from common.quality import CRITERIA, draw_subsets, layer_stats, select_layers
@@ -74,7 +74,7 @@ def run(cfg: Config, data: Data | None = None) -> Profile:
     MODELS.get(cfg.teacher.name)
     data = data if data is not None else load_data(cfg.dataset)
     ensure_teacher(cfg, data)
-    pdir = artifacts.profile_dir(cfg)
+    pdir = artifacts.profile_dir(cfg, data)
     with file_lock(pdir / ".lock"):
         if not (pdir / "config.yaml").exists():
             atomic_write_yaml(pdir / "config.yaml", {**to_dict(cfg), "run": {"kind": "profile", "versions": versions()}})
@@ -90,18 +90,11 @@ def run(cfg: Config, data: Data | None = None) -> Profile:
 
 def ensure_features(cfg: Config, data: Data, layers: list[int]) -> Path:
     """features.h5 holding at least `layers` (stage 2 calls this; extends the cache if needed)."""
-    pdir = artifacts.profile_dir(cfg)
+    pdir = artifacts.profile_dir(cfg, data)
     with file_lock(pdir / ".lock"):
         device = resolve_device(cfg.profile.device)
         teacher, teacher_sha = load_teacher(cfg, data, device)
         return _ensure_features(cfg, data, teacher, teacher_sha, pdir, layers, device)
-
-
-def read_quality(cfg: Config) -> pd.DataFrame:
-    path = artifacts.profile_dir(cfg) / QUALITY
-    if not path.exists():
-        raise CacheError(f"no layer profile at {path}; build it with: make profile DATASET={cfg.dataset.name} TEACHER={cfg.teacher.name}")
-    return pd.read_csv(path)
 
 
 def select_from_quality(quality: pd.DataFrame, k: int, criterion: str) -> list[int]:
@@ -152,9 +145,12 @@ def _ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_s
             shapes,
             {**{n: "float32" for n in shapes}, "positions": "int64"},
             _extract_batches(teacher, data, union, layers, cfg.profile.batch_size, device, logits=False, dtype=torch.float32, with_positions=True),
-            progress=True,
+            progress=cfg.profile.progress,
         )
-        log.info("profile: extracted %d layers for %d Q-subset images in %.1fs -> %s", len(layers), len(union), time.perf_counter() - tic, acts_path)
+        log.info(
+            "profile: extracted %d layers for %d Q-subset images in %.1fs (peak RSS so far %.0f MiB) -> %s",
+            len(layers), len(union), time.perf_counter() - tic, peak_rss_mb(), acts_path,
+        )
     # Row of each subset member inside the union (both sorted, so searchsorted finds them).
     rows_a, rows_b = torch.searchsorted(union, subset_a), torch.searchsorted(union, subset_b)
     ya, yb = data.train.labels[subset_a], data.train.labels[subset_b]
@@ -167,7 +163,7 @@ def _ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_s
             stats = layer_stats(x[rows_a], ya, x[rows_b], yb, n_train, device=device)
             records.append(stats)
             log.info("profile: layer %2d  S %.4f  I %.4f  E %.4f  Q %.4f", i, stats["S"], stats["I"], stats["E"], stats["Q"])
-    log.info("profile: S/I/E/Q of %d layers in %.1fs", len(layers), time.perf_counter() - tic)
+    log.info("profile: S/I/E/Q of %d layers in %.1fs (peak RSS so far %.0f MiB)", len(layers), time.perf_counter() - tic, peak_rss_mb())
     stats_df = pd.DataFrame(records)
     quality = pd.concat([table.drop(columns=["bytes_per_sample"]), stats_df], axis=1)
     quality["selected"] = False
@@ -253,9 +249,12 @@ def _ensure_features(
         dtypes,
         _extract_batches(teacher, data, everything, missing, cfg.profile.batch_size, device, logits=with_logits, dtype=torch.float32),
         copy_from=path if have else None,
-        progress=True,
+        progress=cfg.profile.progress,
     )
-    log.info("profile: wrote layers %s for %d images in %.1fs -> %s", missing, len(everything), time.perf_counter() - tic, path)
+    log.info(
+        "profile: wrote layers %s for %d images in %.1fs (peak RSS so far %.0f MiB) -> %s",
+        missing, len(everything), time.perf_counter() - tic, peak_rss_mb(), path,
+    )
     return path
 
 

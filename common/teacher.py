@@ -17,7 +17,7 @@ from common.cache import FeatureCache
 from common.config import Config, MethodConfig, to_dict
 from common.data import Data
 from common.errors import CacheError
-from common.io import atomic_write_yaml, file_lock, sha256_file, versions
+from common.io import atomic_write_yaml, file_lock, peak_rss_mb, sha256_file, versions
 from common.layers import backbone_and_head_parameters, extract, forward_with_features
 from common.methods import build_distiller, resolve_method
 from common.models import MODELS, create_model
@@ -51,7 +51,7 @@ def ensure_teacher(cfg: Config, data: Data) -> Path:
 
     Locked, so concurrent shell loops that share a teacher train it once.
     """
-    tdir = artifacts.teacher_dir(cfg)
+    tdir = artifacts.teacher_dir(cfg, data)
     with file_lock(tdir / ".lock"):
         if (tdir / "done").exists():
             log.info("teacher %s: finished, skipping training (%s)", cfg.teacher.name, tdir)
@@ -87,14 +87,17 @@ def ensure_teacher(cfg: Config, data: Data) -> Path:
             weights_of=model,
             desc=f"teacher {cfg.teacher.name}",
         )
-        log.info("teacher %s: best test accuracy %.2f%% at epoch %d", cfg.teacher.name, result.best_test_acc, result.best_epoch)
+        log.info(
+            "teacher %s: best test accuracy %.2f%% at epoch %d (%.0fs training, peak RSS so far %.0f MiB)",
+            cfg.teacher.name, result.best_test_acc, result.best_epoch, float(result.metrics["elapsed_s"].iloc[-1]), peak_rss_mb(),
+        )
         finish(tdir)
         return tdir
 
 
 def load_teacher(cfg: Config, data: Data, device: torch.device) -> tuple[nn.Module, str]:
     """The finished teacher (best epoch, METHOD 5) in eval mode, and its checkpoint's sha256."""
-    path = artifacts.teacher_dir(cfg) / WEIGHTS
+    path = artifacts.teacher_dir(cfg, data) / WEIGHTS
     if not path.exists():
         raise CacheError(f"no trained teacher at {path}; train it with: make teacher DATASET={cfg.dataset.name} TEACHER={cfg.teacher.name}")
     try:

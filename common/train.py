@@ -162,7 +162,7 @@ def fit(
         sums: dict[str, float] = {}
         correct = seen = 0
         tic = time.perf_counter()
-        bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=not cfg.progress, unit="batch")
+        bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if cfg.progress else True, unit="batch")  # None: off when not a terminal
         for step, idx in enumerate(bar):
             x = data.normalize(train_images[idx], device)
             if cfg.augment:

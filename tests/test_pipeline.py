@@ -122,16 +122,26 @@ def test_distill_report_and_skip(profiled):
 
 
 def test_different_settings_never_share_a_run_dir(profiled):
-    _, cfg, _, _ = profiled
+    _, cfg, data, _ = profiled
     from common.methods import resolve_method
     import dataclasses
 
     spec = dataclasses.asdict(resolve_method(cfg.method))
-    a = artifacts.run_dir(cfg, spec, True, 0)
+    a = artifacts.run_dir(cfg, data, spec, True, 0)
     other = load_config(None, ["train.epochs=3"])
     other = dataclasses.replace(cfg, train=other.train)
-    assert artifacts.run_dir(other, spec, True, 0) != a
-    assert artifacts.run_dir(cfg, spec, True, 1).parent == a.parent  # only the seed differs
+    assert artifacts.run_dir(other, data, spec, True, 0) != a
+    assert artifacts.run_dir(cfg, data, spec, True, 1).parent == a.parent  # only the seed differs
+
+
+def test_same_dataset_name_other_content_gets_other_teacher(tmp_path):
+    cfg_a = tiny_config(tmp_path / "a")
+    make_fashion_mnist(tmp_path / "b" / "fmnist", n_train=200, n_test=60, seed=1)
+    cfg_b = tiny_config(tmp_path / "b")
+    data_a, data_b = load_data(cfg_a.dataset), load_data(cfg_b.dataset)
+    assert artifacts.teacher_id(cfg_a, data_a) != artifacts.teacher_id(cfg_b, data_b)
+    # ...while moving the same data elsewhere keeps the id
+    assert artifacts.teacher_id(cfg_a, data_a) == artifacts.teacher_id(cfg_a, load_data(cfg_a.dataset))
 
 
 def test_changed_teacher_invalidates_cache(tmp_path):
@@ -141,7 +151,7 @@ def test_changed_teacher_invalidates_cache(tmp_path):
     with FeatureCache(prof.features) as cache:
         old_sha = cache.meta["teacher_sha256"]
     # Replace the teacher's weights: the cache must be refused, then rebuilt.
-    path = artifacts.teacher_dir(cfg) / "teacher.pt"
+    path = artifacts.teacher_dir(cfg, data) / "teacher.pt"
     state = torch.load(path, weights_only=True)
     state["best"] = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in state["best"].items()}
     torch.save(state, path)
