@@ -224,6 +224,7 @@ class FeatureCache:
         """Open `path`; CacheError (naming the file and `rebuild_hint`) if missing, corrupt or incomplete."""
         self.path = Path(path)
         self._ram: dict[str, torch.Tensor] = {}
+        self._ram_position: torch.Tensor | None = None  # row -> RAM position when a subset is loaded
         if not self.path.is_file():
             raise CacheError(f"{self.path} does not exist; {rebuild_hint}")
         try:
@@ -285,20 +286,34 @@ class FeatureCache:
                     f"{rebuild_hint}"
                 )
 
-    def load(self, names: Sequence[str], max_bytes: int) -> bool:
-        """Read `names` fully into RAM if their stored size totals <= max_bytes; all or nothing.
+    def load(self, names: Sequence[str], max_bytes: int, rows: torch.Tensor | None = None) -> bool:
+        """Read `names` into RAM if their stored size totals <= max_bytes; all or nothing.
 
-        Kept in the stored dtype (float16 halves the RAM); `gather` converts per batch.
+        rows: only these rows (e.g. a student's training subset), so a run on 2 000 images does
+        not hold the features of all 60 000. Kept in the stored dtype (float16 halves the RAM);
+        `gather` converts per batch and then accepts only loaded rows.
         """
-        if sum(self.nbytes(name) for name in names) > max_bytes:
+        if rows is not None:
+            rows = torch.unique(rows.detach().cpu().long())
+            if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= self.n):
+                raise IndexError(f"rows to load must lie in [0, {self.n}) for {self.path}")
+        n_rows = self.n if rows is None else int(rows.numel())
+        if sum(self.nbytes(name) // max(1, self.n) * n_rows for name in names) > max_bytes:
             return False
         for name in names:
-            if name not in self._ram:
-                ds = self._dataset(name)
+            if name in self._ram:
+                continue
+            ds = self._dataset(name)
+            if rows is None:
                 array = np.empty(ds.shape, dtype=ds.dtype)
                 if array.size:
                     ds.read_direct(array)
-                self._ram[name] = torch.from_numpy(array)
+            else:
+                array = self._read_rows(ds, rows.numpy())
+            self._ram[name] = torch.from_numpy(np.ascontiguousarray(array))
+        if rows is not None:
+            self._ram_position = torch.full((self.n,), -1, dtype=torch.long)
+            self._ram_position[rows] = torch.arange(len(rows))
         return True
 
     def is_loaded(self, name: str) -> bool:
@@ -315,6 +330,10 @@ class FeatureCache:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n):
             raise IndexError(f"gather indices must lie in [0, {self.n}) for {self.path}")
         if name in self._ram:
+            if self._ram_position is not None:
+                index = self._ram_position[index]
+                if index.numel() and int(index.min()) < 0:
+                    raise IndexError(f"gather asked {self.path} for rows that were not loaded into RAM")
             rows = self._ram[name].index_select(0, index)
         else:
             rows = torch.from_numpy(self._read_rows(self._dataset(name), index.numpy()))

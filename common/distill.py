@@ -129,7 +129,8 @@ def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int]
         {"teacher_sha256": teacher_sha, "dataset": data.fingerprint, "split": "train"},
         rebuild_hint=f"rebuild it with: make profile DATASET={cfg.dataset.name} TEACHER={cfg.teacher.name}",
     )
-    return CachedTeacher(cache, layers, logits, device, ram_budget())
+    rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
+    return CachedTeacher(cache, layers, logits, device, ram_budget(), rows=rows)
 
 
 def _train_one(

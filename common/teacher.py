@@ -132,11 +132,14 @@ class LiveTeacher:
 class CachedTeacher:
     """Teacher features/logits gathered from features.h5 by sample index (no teacher forward)."""
 
-    def __init__(self, cache: FeatureCache, layers: list[int], logits: bool, device: torch.device, max_ram_bytes: int) -> None:
+    def __init__(
+        self, cache: FeatureCache, layers: list[int], logits: bool, device: torch.device, max_ram_bytes: int, rows: torch.Tensor | None = None
+    ) -> None:
         self.cache, self.layers, self.logits, self.device = cache, layers, logits, device
         names = [layer_name(i) for i in layers] + (["logits"] if logits else [])
-        # In RAM when it fits; otherwise batches are block-shuffled so each reads 1-2 disk regions.
-        self.uses_disk_blocks = not cache.load(names, max_ram_bytes)
+        # In RAM (only the training rows) when it fits; otherwise batches are block-shuffled so
+        # each reads one or two contiguous disk regions.
+        self.uses_disk_blocks = not cache.load(names, max_ram_bytes, rows=rows)
 
     def batch(self, indices: torch.Tensor, images: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         feats = {i: self.cache.gather(layer_name(i), indices).to(self.device, non_blocking=True) for i in self.layers}

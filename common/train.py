@@ -186,8 +186,8 @@ def fit(
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             correct += int((logits.detach().argmax(1) == y).sum())
             seen += len(idx)
-            if cfg.progress and step % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
+            if not bar.disable and step % 10 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
         epoch_time = time.perf_counter() - tic
         elapsed += epoch_time
         row: dict[str, float] = {"epoch": epoch, "train_loss": sum(sums.values()) / len(batches)}

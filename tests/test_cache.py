@@ -283,3 +283,17 @@ def test_epoch_batches_rejects_bad_sizes() -> None:
         epoch_batches(torch.arange(10), 32, torch.Generator())
     with pytest.raises(ConfigError, match="block size"):
         epoch_batches(torch.arange(100), 32, torch.Generator(), block_size=16)
+
+
+def test_load_only_some_rows(tmp_path):
+    """A student trained on a subset holds only its rows in RAM; others are refused."""
+    data = torch.arange(50 * 3, dtype=torch.float32).reshape(50, 3)
+    path = tmp_path / "c.h5"
+    write_h5(path, {"k": 1}, 50, {"x": (3,)}, {"x": "float32"}, [{"x": data[:20]}, {"x": data[20:]}])
+    rows = torch.tensor([40, 3, 7, 3])
+    with FeatureCache(path) as cache:
+        assert not cache.load(["x"], max_bytes=3 * 4 * 2, rows=rows)  # 3 unique rows do not fit in 2
+        assert cache.load(["x"], max_bytes=3 * 4 * 3, rows=rows)
+        assert torch.equal(cache.gather("x", torch.tensor([7, 40, 3, 7])), data[[7, 40, 3, 7]])
+        with pytest.raises(IndexError, match="not loaded"):
+            cache.gather("x", torch.tensor([5]))

@@ -21,18 +21,6 @@ def close(actual: torch.Tensor, expected) -> None:
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only contend on the shared 2-core machine (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 # ----------------------------------------------------------------------------- golden values
 

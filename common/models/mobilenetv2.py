@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from common.models.chain import ChainModel
+
 # (expansion t, channels c, repeats n, first stride s), METHOD 3.3.
 INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1),
@@ -62,7 +64,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(ChainModel):
     """MobileNetV2 (METHOD 3.3). Stem Conv3x3-BN-ReLU6 with stride 1 if image_size <= 32 else 2,
     the inverted-residual table, Conv1x1(320 -> 1280)-BN-ReLU6, average pool, Flatten, Linear.
 
@@ -102,11 +104,6 @@ class MobileNetV2(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Sequential by construction: common/layers.py replays these children one by one.
-        for module in self.children():
-            x = module(x)
-        return x
 
 
 def mobilenetv2(**kwargs) -> MobileNetV2:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.models.chain import ChainModel
+
 
 def scale_channels(channels: int, width: float) -> int:
     """Width rule: round(channels * width), at least 1 (width 0.25 gives 16/32/64/128)."""
@@ -39,7 +41,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(ChainModel):
     """CIFAR-style ResNet: 3x3 stride-1 stem, four BasicBlock stages of widths 64/128/256/512
     (times `width`), strides 1/2/2/2, global average pool, Flatten, Linear (METHOD 3.1).
 
@@ -88,11 +90,6 @@ class ResNet(nn.Module):
             if isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Sequential by construction: common/layers.py replays these children one by one.
-        for module in self.children():
-            x = module(x)
-        return x
 
 
 def resnet9(**kwargs) -> ResNet:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.models.chain import ChainModel
+
 from common.models.resnet import scale_channels
 
 POOL = "M"
@@ -20,7 +22,7 @@ CFG_E: tuple[int | str, ...] = (
 )
 
 
-class VGG(nn.Module):
+class VGG(ChainModel):
     """Conv3x3(bias)-BN-ReLU stacks with MaxPool(2, 2), AdaptiveAvgPool to 1x1, Flatten,
     classifier Linear(512, 4096)-ReLU-Dropout(0.5)-Linear(4096, 4096)-ReLU-Dropout(0.5)-Linear(4096, C).
 
@@ -77,11 +79,6 @@ class VGG(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Sequential by construction: common/layers.py replays these children one by one.
-        for module in self.children():
-            x = module(x)
-        return x
 
 
 def vgg11(**kwargs) -> VGG:

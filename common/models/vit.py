@@ -17,6 +17,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from common.models.chain import ChainModel
+
 from common.errors import ConfigError
 
 LN_EPS = 1e-6
@@ -102,7 +104,7 @@ def scale_dims(dim: int, mlp_dim: int, heads: int, width: float) -> tuple[int, i
     return heads * head_dim, max(1, int(round(mlp_dim * width)))
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(ChainModel):
     """ViT (METHOD 3.4), sequential by construction; see the module docstring."""
 
     def __init__(
@@ -135,11 +137,6 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Sequential by construction: common/layers.py replays these children one by one.
-        for module in self.children():
-            x = module(x)
-        return x
 
 
 def vit(
