@@ -89,12 +89,16 @@ def run(cfg: Config, data: Data | None = None) -> Profile:
 
 
 def ensure_features(cfg: Config, data: Data, layers: list[int]) -> Path:
-    """features.h5 holding at least `layers` (stage 2 calls this; extends the cache if needed)."""
+    """features.h5 holding at least `layers` (stage 2 calls this; extends the cache if needed).
+
+    A cache made from another teacher checkpoint or other data is refused, not rebuilt: the
+    profile's layer selection is stale too, and stage 1 is the command that rebuilds both.
+    """
     pdir = artifacts.profile_dir(cfg, data)
     with file_lock(pdir / ".lock"):
         device = resolve_device(cfg.profile.device)
         teacher, teacher_sha = load_teacher(cfg, data, device)
-        return _ensure_features(cfg, data, teacher, teacher_sha, pdir, layers, device)
+        return _ensure_features(cfg, data, teacher, teacher_sha, pdir, layers, device, rebuild_stale=False)
 
 
 def select_from_quality(quality: pd.DataFrame, k: int, criterion: str) -> list[int]:
@@ -198,7 +202,14 @@ def _ensure_selection(cfg: Config, quality: pd.DataFrame, pdir: Path) -> list[in
 
 
 def _ensure_features(
-    cfg: Config, data: Data, teacher: torch.nn.Module, teacher_sha: str, pdir: Path, layers: list[int], device: torch.device
+    cfg: Config,
+    data: Data,
+    teacher: torch.nn.Module,
+    teacher_sha: str,
+    pdir: Path,
+    layers: list[int],
+    device: torch.device,
+    rebuild_stale: bool = True,
 ) -> Path:
     path = pdir / FEATURES
     base_meta = {
@@ -211,10 +222,12 @@ def _ensure_features(
     have: list[int] = []
     if path.exists():
         try:
-            with FeatureCache(path) as cache:
+            with FeatureCache(path, rebuild_hint=_rebuild_hint(cfg)) as cache:
                 cache.check(base_meta, rebuild_hint=_rebuild_hint(cfg))
                 have = list(cache.meta.get("layers", []))
         except CacheError as exc:
+            if not rebuild_stale:
+                raise
             log.info("profile: %s is not usable (%s); rebuilding it", path, exc)
             have = []
     missing = sorted(set(layers) - set(have))

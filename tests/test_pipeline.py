@@ -144,6 +144,19 @@ def test_same_dataset_name_other_content_gets_other_teacher(tmp_path):
     assert artifacts.teacher_id(cfg_a, data_a) == artifacts.teacher_id(cfg_a, load_data(cfg_a.dataset))
 
 
+def test_corrupt_cache_is_refused_then_rebuilt_by_stage1(tmp_path):
+    cfg = tiny_config(tmp_path, "teacher_train.epochs=1", "profile.layers=[1,2,3,4]")
+    data = load_data(cfg.dataset)
+    prof = profile.run(cfg, data)
+    good = prof.features.read_bytes()
+    prof.features.write_bytes(good[: len(good) // 2])  # a half-written file (e.g. copied badly)
+    with pytest.raises(CacheError, match="incomplete or corrupt"):
+        profile.ensure_features(cfg, data, [1, 2])
+    profile.run(cfg, data)
+    with FeatureCache(prof.features) as cache:
+        assert cache.n == len(data.train.labels)
+
+
 def test_changed_teacher_invalidates_cache(tmp_path):
     cfg = tiny_config(tmp_path, "teacher_train.epochs=1", "profile.layers=[1,2,3,4]")
     data = load_data(cfg.dataset)
@@ -158,7 +171,11 @@ def test_changed_teacher_invalidates_cache(tmp_path):
     new_sha = load_teacher(cfg, data, torch.device("cpu"))[1]
     with FeatureCache(prof.features) as cache, pytest.raises(CacheError, match="teacher_sha256"):
         cache.check({"teacher_sha256": new_sha}, rebuild_hint="make profile")
-    profile.ensure_features(cfg, data, [1, 2])
+    # Stage 2 refuses the stale cache and names the field and the command that rebuilds it...
+    with pytest.raises(CacheError, match="teacher_sha256.*make profile"):
+        profile.ensure_features(cfg, data, [1, 2])
+    # ...which rebuilds the features and the Q table for the new checkpoint.
+    profile.run(cfg, data)
     with FeatureCache(prof.features) as cache:
         assert cache.meta["teacher_sha256"] == new_sha != old_sha
 
@@ -229,6 +246,29 @@ def test_one2one_needs_equal_layer_counts(profiled):
     cfg2 = load_config(None, [f"dataset.root={cfg.dataset.root}", "teacher.name=resnet18", "method.name=ours", "method.student_layers=[1,2]", "profile.layers=[1,2,3]"])
     with pytest.raises(ConfigError, match="one-to-one"):
         distill.resolve_pairs(cfg2, resolve_method(cfg2.method), data)
+
+
+def test_two_processes_share_one_teacher(tmp_path):
+    """Two shell loops started at once on pairs that share a teacher train and profile it once."""
+    cfg = tiny_config(tmp_path, "teacher_train.epochs=1")
+    args = [
+        sys.executable, "stage2_distill.py", "--quiet", f"dataset.root={cfg.dataset.root}", f"artifacts={cfg.artifacts}",
+        "teacher.name=resnet18", "teacher.width=0.125", "student.width=0.125", "teacher_train.epochs=1",
+        "teacher_train.batch_size=32", "train.epochs=1", "train.batch_size=32", "profile.subset_size=100",
+        "profile.per_class_cap=10", "method.name=ours",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(args + [f"student.name={student}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        for student in ("resnet9", "vgg11")
+    ]
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    text = "\n".join(logs)
+    assert text.count("teacher resnet18: training") == 1 and text.count("skipping training") >= 1
+    assert text.count("extracted") == 1  # the Q-subset extraction ran once
+    data = load_data(cfg.dataset)
+    assert len(pd.read_csv(artifacts.teacher_dir(cfg, data) / "metrics.csv")) == 1
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
