@@ -194,6 +194,6 @@ def _train_one(
     except UserError as exc:
         atomic_write_text(rdir / "failed", f"{exc}\n")
         raise
-    finish(rdir)
+    finish(rdir, result)
     log.info("distill %s seed %d: best test accuracy %.2f%% (epoch %d), last %.2f%%", spec.name, seed, result.best_test_acc, result.best_epoch, result.last_test_acc)
     return RunResult(seed, rdir, False, result.best_test_acc)

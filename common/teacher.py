@@ -91,7 +91,7 @@ def ensure_teacher(cfg: Config, data: Data) -> Path:
             "teacher %s: best test accuracy %.2f%% at epoch %d (%.0fs training, peak RSS so far %.0f MiB)",
             cfg.teacher.name, result.best_test_acc, result.best_epoch, float(result.metrics["elapsed_s"].iloc[-1]), peak_rss_mb(),
         )
-        finish(tdir)
+        finish(tdir, result)
         return tdir
 
 

@@ -26,7 +26,7 @@ from common.cache import epoch_batches
 from common.config import TrainConfig
 from common.data import Data, augment_batch
 from common.errors import ConfigError, TrainingError
-from common.io import atomic_torch_save, atomic_write, atomic_write_text
+from common.io import atomic_torch_save, atomic_write, atomic_write_text, atomic_write_yaml
 
 log = logging.getLogger("kd")
 
@@ -245,8 +245,18 @@ def fit(
     )
 
 
-def finish(run_dir: Path) -> None:
-    """Mark a run finished: drop the resume checkpoint, then write `done` last."""
+def finish(run_dir: Path, result: FitResult) -> None:
+    """Mark a run finished: summary.yaml, drop the resume checkpoint, then write `done` last."""
+    atomic_write_yaml(
+        run_dir / "summary.yaml",
+        {
+            "best_epoch": result.best_epoch,
+            "best_test_acc": result.best_test_acc,
+            "last_test_acc": result.last_test_acc,
+            "epochs": result.epochs,
+            "train_time_s": float(result.metrics["elapsed_s"].iloc[-1]),
+        },
+    )
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
     (run_dir / "failed").unlink(missing_ok=True)
     atomic_write_text(run_dir / "done", time.strftime("%Y-%m-%dT%H:%M:%S\n"))

@@ -99,6 +99,21 @@ def test_cached_features_equal_live_teacher(profiled):
     torch.testing.assert_close(c_logits, l_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_cached_and_live_teacher_train_the_same(profiled):
+    """With augmentation off, distilling from features.h5 (float32) equals a live teacher forward."""
+    import shutil
+
+    tmp, _, _, _ = profiled
+    metrics = {}
+    for source in ("cache", "live"):
+        cfg = tiny_config(tmp, "profile.cache_dtype=float32", "method.name=ours", f"train.teacher_source={source}")
+        result = distill.run(cfg, seeds=[0])[0]
+        metrics[source] = pd.read_csv(result.dir / "metrics.csv")
+        shutil.rmtree(result.dir.parent)  # the source is runtime-only: both runs share a directory
+    cols = ["train_loss", "loss_feat", "loss_ce", "train_acc", "test_acc"]
+    pd.testing.assert_frame_equal(metrics["cache"][cols], metrics["live"][cols], rtol=1e-4, atol=1e-4)
+
+
 def test_distill_report_and_skip(profiled):
     tmp, cfg, _, _ = profiled
     for method in ("ce", "ours", "kd"):
@@ -112,6 +127,8 @@ def test_distill_report_and_skip(profiled):
         resolved = yaml.safe_load((rdir / "config.yaml").read_text())
         assert resolved["run"]["seed"] == 0 and resolved["train"]["seed"] == 0 and "torch" in resolved["run"]["versions"]
         assert not (rdir / "checkpoint.pt").exists()
+        summary = yaml.safe_load((rdir / "summary.yaml").read_text())
+        assert summary["best_test_acc"] == metrics["test_acc"].max() and summary["epochs"] == 2
     assert "loss_feat" in metrics.columns or "loss_kd" in metrics.columns
     cfg.method.name = "ours"
     assert distill.run(cfg, seeds=[0])[0].skipped  # a rerun skips finished work
