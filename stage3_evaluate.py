@@ -33,12 +33,9 @@ def body() -> int:
     out = Path(args.out) if args.out else artifacts / "reports"
     pairs = [pair.replace(":", "__") for pair in args.pairs] if args.pairs else None
     result = run(artifacts, out, datasets=args.dataset, pairs=pairs, methods=args.methods, target=args.target, drop_outliers=args.drop_outliers)
-    for name in ("accuracy.md", "epochs_to_target.md", "unfinished.md"):
-        path = out / name
-        if path.exists():
-            print(f"\n## {name}\n")
-            print(path.read_text())
-    print(f"reports written to {out}")
+    for name, text in result["markdown"].items():
+        print(f"\n## {name}\n\n{text}")
+    print(f"reports written to {out} (tables: accuracy, epochs_to_target, unfinished as .csv/.md, accuracy.tex; plots in {out / 'plots'})")
     return 0
 
 

@@ -7,7 +7,6 @@ Flatten, and the two ReLUs of the classifier; the head starts at the first class
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from common.models.chain import ChainModel
