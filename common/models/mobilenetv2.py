@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from common.models.chain import ChainModel
+from common.models.chain import ChainModel, init_norm_or_linear
 
 # (expansion t, channels c, repeats n, first stride s), METHOD 3.3.
 INVERTED_RESIDUAL_SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -97,12 +97,8 @@ class MobileNetV2(ChainModel):
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+            else:
+                init_norm_or_linear(m)
 
 
 

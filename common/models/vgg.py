@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from common.models.chain import ChainModel
+from common.models.chain import ChainModel, init_norm_or_linear
 
 from common.models.resnet import scale_channels
 
@@ -71,12 +71,8 @@ class VGG(ChainModel):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+            else:
+                init_norm_or_linear(m)
 
 
 
