@@ -315,3 +315,20 @@ def test_bad_input_is_one_line_error(args, words, tmp_path):
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     for word in words:
         assert word in lines[0]
+
+
+@pytest.mark.parametrize("teacher, student", [("vit_b", "vit_ett"), ("vgg19", "vgg11"), ("resnet34", "mobilenetv2")])
+@pytest.mark.parametrize("method", ["ours", "simkd", "semckd"])
+def test_paper_pairs_run_through_all_stages(tmp_path_factory, teacher, student, method):
+    """Every teacher/student pair of the paper distils end to end (tiny widths, one epoch)."""
+    tmp = tmp_path_factory.getbasetemp() / f"pair_{teacher}_{student}"  # shared by the methods of a pair
+    cfg = tiny_config(
+        tmp, f"teacher.name={teacher}", f"student.name={student}", "teacher.width=0.125", "student.width=0.125",
+        "teacher_train.epochs=1", "train.epochs=1", f"method.name={method}",
+    )
+    result = distill.run(cfg, seeds=[0])[0]
+    metrics = pd.read_csv(result.dir / "metrics.csv")
+    assert (result.dir / "done").exists() and len(metrics) == 1
+    assert metrics["train_loss"].notna().all() and 0 <= metrics["test_acc"].iloc[0] <= 100
+    resolved = yaml.safe_load((result.dir / "config.yaml").read_text())
+    assert len(resolved["run"]["teacher_layers"]) == 4 and len(resolved["run"]["student_layers"]) == 4
