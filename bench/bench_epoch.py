@@ -16,15 +16,20 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from common import artifacts, distill, profile  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.data import load_data  # noqa: E402
+from common.cache import epoch_batches  # noqa: E402
+from common.config import Config, load_config  # noqa: E402
+from common.data import Data, load_data  # noqa: E402
+from common.methods import build_distiller, resolve_method  # noqa: E402
+from common.models import create_model  # noqa: E402
 
 VARIANTS = {
     "ce": {"method": "ce", "teacher_source": "auto"},
@@ -67,6 +72,46 @@ def main() -> None:
         print(f"| {name} | {med:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {med / base:.2f} |")
     cache_vs_live = statistics.median(times["ours (cache)"]) / statistics.median(times["ours (live teacher)"])
     print(f"ours cache / ours live = {cache_vs_live:.2f}")
+    breakdown(cfg, data)
+
+
+def breakdown(cfg: Config, data: Data) -> None:
+    """Seconds of one epoch spent gathering teacher features vs in the student's step, ce and ours."""
+    rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
+    ours = resolve_method(dataclasses.replace(cfg.method, name="ours"))
+    teacher_layers, student_layers = distill.resolve_pairs(cfg, ours, data)
+    table = profile.list_layers(cfg, data)
+    shapes = {i: tuple(int(v) for v in table.loc[table["layer"] == i, "shape"].item().split("x")) for i in teacher_layers}
+    source = distill._teacher_source(cfg, data, ours, teacher_layers, torch.device("cpu"))
+    print("\none epoch, seconds by part (same process):")
+    print("| method | gather teacher features | student forward | backward + step |")
+    print("|---|---|---|---|")
+    for name in ("ce", "ours"):
+        spec = resolve_method(dataclasses.replace(cfg.method, name=name))
+        torch.manual_seed(0)
+        student = create_model(cfg.student.name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, width=cfg.student.width)
+        uses = name == "ours"
+        model = build_distiller(
+            spec, student, num_classes=data.num_classes, input_shape=(data.in_channels, data.image_size, data.image_size),
+            teacher_layers=teacher_layers if uses else [], student_layers=student_layers if uses else [],
+            teacher_shapes=shapes if uses else {}, batch_size=cfg.train.batch_size,
+        )
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        parts = [0.0, 0.0, 0.0]
+        for idx in epoch_batches(rows, cfg.train.batch_size, torch.Generator().manual_seed(0)):
+            t0 = time.perf_counter()
+            x, y = data.normalize(data.train.images[idx]), data.train.labels[idx]
+            feats, logits = source.batch(idx, x) if uses else ({}, None)
+            t1 = time.perf_counter()
+            _, losses = model.forward_train(x, y, feats, logits)
+            t2 = time.perf_counter()
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+            t3 = time.perf_counter()
+            for i, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+                parts[i] += dt
+        print(f"| {name} | {parts[0]:.2f} | {parts[1]:.2f} | {parts[2]:.2f} |")
 
 
 if __name__ == "__main__":
