@@ -44,30 +44,35 @@ def uses_teacher(spec: MethodSpec) -> bool:
 
 
 def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int], list[int]]:
-    """Teacher and student layer lists of a feature method (METHOD 7; section 0 item 4)."""
+    """Teacher and student layer lists of a feature method (METHOD 7; section 0 item 4).
+
+    Explicit lists and the pairing are checked before anything is trained; only "selected"
+    teacher layers need the profile (built here, with the teacher, if missing).
+    """
     if spec.feature_loss == "none" and not spec.teacher_head:
         return [], []
     n_teacher = len(list_layers(cfg, data))
-    if spec.teacher_layers == "selected":
-        if cfg.profile.layers:
-            teacher_layers = sorted(resolve_layers(cfg.profile.layers, n_teacher, "profile.layers entry"))
-        else:
-            profile = run_profile(cfg, data)
-            teacher_layers = select_from_quality(profile.quality, cfg.profile.k, spec.criterion)
-    elif spec.teacher_layers == "baseline":
-        teacher_layers = list(MODELS.get(cfg.teacher.name).baseline_layers)
-    else:
-        teacher_layers = sorted(resolve_layers(spec.teacher_layers, n_teacher, "teacher layer"))
     n_student = len(list_layers(dataclasses.replace(cfg, teacher=cfg.student), data))
     if spec.student_layers == "baseline":
         student_layers = list(MODELS.get(cfg.student.name).baseline_layers)
     else:
         student_layers = sorted(resolve_layers(spec.student_layers, n_student, "student layer"))
-    if spec.mapping == "one2one" and len(teacher_layers) != len(student_layers):
+    teacher_layers: list[int] | None = None
+    if spec.teacher_layers == "baseline":
+        teacher_layers = list(MODELS.get(cfg.teacher.name).baseline_layers)
+    elif spec.teacher_layers == "selected" and cfg.profile.layers:
+        teacher_layers = sorted(resolve_layers(cfg.profile.layers, n_teacher, "profile.layers entry"))
+    elif spec.teacher_layers != "selected":
+        teacher_layers = sorted(resolve_layers(spec.teacher_layers, n_teacher, "teacher layer"))
+    n_pairs = len(teacher_layers) if teacher_layers is not None else cfg.profile.k
+    if spec.mapping == "one2one" and n_pairs != len(student_layers):
+        shown = teacher_layers if teacher_layers is not None else f"the top-{cfg.profile.k} by {spec.criterion}"
         raise ConfigError(
-            f"method {spec.name} pairs teacher layers {teacher_layers} one-to-one with student layers {student_layers}; "
+            f"method {spec.name} pairs teacher layers {shown} one-to-one with student layers {student_layers}; "
             f"give as many of each (profile.k or method.student_layers=[...])"
         )
+    if teacher_layers is None:
+        teacher_layers = select_from_quality(run_profile(cfg, data).quality, cfg.profile.k, spec.criterion)
     return teacher_layers, student_layers
 
 
@@ -91,8 +96,8 @@ def run(cfg: Config, seeds: list[int] | None = None) -> list[RunResult]:
     teacher_shapes: dict[int, tuple[int, ...]] = {}
     device = resolve_device(cfg.train.device)
     if needs_teacher:
+        teacher_layers, student_layers = resolve_pairs(cfg, spec, data)  # checks lists before training
         ensure_teacher(cfg, data)
-        teacher_layers, student_layers = resolve_pairs(cfg, spec, data)
         table = list_layers(cfg, data)
         teacher_shapes = {i: tuple(int(v) for v in table.loc[table["layer"] == i, "shape"].item().split("x")) for i in teacher_layers}
         log.info("distill %s: teacher layers %s -> student layers %s", spec.name, teacher_layers, student_layers)

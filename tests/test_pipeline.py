@@ -306,6 +306,8 @@ def test_scripts_have_help(script):
         (["stage2_distill.py", "train.epoch=3"], ["unknown config key 'train.epoch'"]),
         (["stage2_distill.py", "--method", "ourz"], ["unknown method 'ourz'"]),
         (["stage1_profile_teacher.py", "dataset.root=/nonexistent", "--list-layers"], ["/nonexistent"]),
+        (["stage2_distill.py", "method.teacher_layers=[3,7,13,99]"], ["teacher layer 99 is out of range", "--list-layers"]),
+        (["stage2_distill.py", "method.student_layers=[1,2]"], ["one-to-one"]),
     ],
 )
 def test_bad_input_is_one_line_error(args, words, tmp_path):
