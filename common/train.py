@@ -159,8 +159,9 @@ def fit(
         block = 4096 if teacher is not None and teacher.uses_disk_blocks else None
         batches = epoch_batches(train_indices, cfg.batch_size, order_gen, block_size=block)
         model.train()
-        sums: dict[str, float] = {}
-        correct = seen = 0
+        sums: dict[str, torch.Tensor] = {}
+        correct: torch.Tensor | int = 0
+        seen = 0
         tic = time.perf_counter()
         bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if cfg.progress else True, unit="batch")  # None: off when not a terminal
         for step, idx in enumerate(bar):
@@ -182,17 +183,19 @@ def fit(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            # Accumulated on the device: no host sync per step beyond the NaN check.
             for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-            correct += int((logits.detach().argmax(1) == y).sum())
+                sums[name] = sums.get(name, 0.0) + value.detach().double()
+            correct = correct + (logits.detach().argmax(1) == y).sum()
             seen += len(idx)
             if not bar.disable and step % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
         epoch_time = time.perf_counter() - tic
         elapsed += epoch_time
-        row: dict[str, float] = {"epoch": epoch, "train_loss": sum(sums.values()) / len(batches)}
-        row.update({f"loss_{k}": v / len(batches) for k, v in sums.items()})
-        row["train_acc"] = 100.0 * correct / seen
+        totals = {k: float(v) for k, v in sums.items()}
+        row: dict[str, float] = {"epoch": epoch, "train_loss": sum(totals.values()) / len(batches)}
+        row.update({f"loss_{k}": v / len(batches) for k, v in totals.items()})
+        row["train_acc"] = 100.0 * int(correct) / seen
         row["test_acc"] = evaluate(model, data, data.test.images, data.test.labels, device, cfg.eval_batch_size, amp)  # type: ignore[arg-type]
         if has_val:
             vi = data.val_indices
