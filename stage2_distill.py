@@ -19,6 +19,9 @@ def body() -> int:
     p.add_argument("--method", default=None, help="method name (sets method.name); --list-methods shows them")
     p.add_argument("--seeds", default=None, help='seeds to run, e.g. --seeds "0 1 2" or --seeds 0,1,2 (sets seeds)')
     p.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue interrupted runs from their last epoch's checkpoint (the default)")
+    mode.add_argument("--restart", action="store_true", help="discard the checkpoints of unfinished runs and train them from epoch 1")
     args = p.parse_args()
     if args.list_methods:
         from common.methods import METHODS
@@ -31,7 +34,7 @@ def body() -> int:
 
     from common.distill import run
 
-    results = run(cfg)
+    results = run(cfg, restart=args.restart)
     for r in results:
         state = "skipped (finished)" if r.skipped else f"best test accuracy {r.best_test_acc:.2f}%"
         print(f"seed {r.seed}: {state}  {r.dir}")

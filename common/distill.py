@@ -26,7 +26,7 @@ from common.profile import ensure_features, list_layers
 from common.profile import run as run_profile
 from common.profile import select_from_quality
 from common.teacher import CachedTeacher, check_names, LiveTeacher, ensure_teacher, load_teacher, ram_budget
-from common.train import TeacherSource, finish, fit, resolve_device, seed_everything
+from common.train import CHECKPOINT, TeacherSource, finish, fit, resolve_device, seed_everything
 
 log = logging.getLogger("kd")
 
@@ -76,8 +76,11 @@ def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int],
     return teacher_layers, student_layers
 
 
-def run(cfg: Config, seeds: list[int] | None = None) -> list[RunResult]:
-    """Train one student per seed (skipping finished runs); returns what happened per seed."""
+def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False) -> list[RunResult]:
+    """Train one student per seed (skipping finished runs); returns what happened per seed.
+
+    Unfinished runs resume from their checkpoint unless `restart`, which starts them over.
+    """
     seeds = list(seeds if seeds is not None else cfg.seeds)
     check_names(cfg)
     data = load_data(cfg.dataset)
@@ -110,6 +113,9 @@ def run(cfg: Config, seeds: list[int] | None = None) -> list[RunResult]:
             if (rdir / "done").exists():  # another process finished it while we waited
                 results.append(RunResult(seed, rdir, True))
                 continue
+            if restart and (rdir / CHECKPOINT).exists():
+                log.info("distill %s seed %d: --restart, discarding the checkpoint in %s", spec.name, seed, rdir)
+                (rdir / CHECKPOINT).unlink()
             result = _train_one(cfg, data, spec, seed, rdir, teacher_layers, student_layers, teacher_shapes, source, teacher_model)
             results.append(result)
     return sorted(results, key=lambda r: r.seed)

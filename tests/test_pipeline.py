@@ -224,6 +224,12 @@ def test_resume_gives_the_same_result(tmp_path, monkeypatch):
         distill.run(cfg, seeds=[0])
     assert (full / "checkpoint.pt").exists() and not (full / "done").exists()
     monkeypatch.setattr(train_mod, "evaluate", real)
+    calls["n"] = 0
+    monkeypatch.setattr(train_mod, "evaluate", flaky)
+    with pytest.raises(_Interrupt):  # --restart starts over: it dies again in its epoch 2
+        distill.run(cfg, seeds=[0], restart=True)
+    assert torch.load(full / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(train_mod, "evaluate", real)
     distill.run(cfg, seeds=[0])
     resumed = pd.read_csv(full / "metrics.csv")
     cols = ["epoch", "train_loss", "train_acc", "test_acc", "lr"]
