@@ -80,8 +80,8 @@ def breakdown(cfg: Config, data: Data) -> None:
     rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
     ours = resolve_method(dataclasses.replace(cfg.method, name="ours"))
     teacher_layers, student_layers = distill.resolve_pairs(cfg, ours, data)
-    table = profile.list_layers(cfg, data)
-    shapes = {i: tuple(int(v) for v in table.loc[table["layer"] == i, "shape"].item().split("x")) for i in teacher_layers}
+    all_shapes = profile.layer_shapes(cfg, data)
+    shapes = {i: all_shapes[i] for i in teacher_layers}
     source = distill._teacher_source(cfg, data, ours, teacher_layers, torch.device("cpu"))
     print("\none epoch, seconds by part (same process):")
     print("| method | gather teacher features | student forward | backward + step |")

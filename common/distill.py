@@ -22,7 +22,7 @@ from common.io import atomic_write_text, atomic_write_yaml, file_lock, versions
 from common.layers import resolve_layers
 from common.methods import MethodSpec, build_distiller, resolve_method
 from common.models import MODELS, create_model
-from common.profile import ensure_features, list_layers
+from common.profile import ensure_features, layer_shapes, list_layers
 from common.profile import run as run_profile
 from common.profile import select_from_quality
 from common.teacher import CachedTeacher, check_names, LiveTeacher, ensure_teacher, load_teacher, ram_budget
@@ -101,8 +101,8 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False) -> l
     if needs_teacher:
         teacher_layers, student_layers = resolve_pairs(cfg, spec, data)  # checks lists before training
         ensure_teacher(cfg, data)
-        table = list_layers(cfg, data)
-        teacher_shapes = {i: tuple(int(v) for v in table.loc[table["layer"] == i, "shape"].item().split("x")) for i in teacher_layers}
+        all_shapes = layer_shapes(cfg, data)
+        teacher_shapes = {i: all_shapes[i] for i in teacher_layers}
         log.info("distill %s: teacher layers %s -> student layers %s", spec.name, teacher_layers, student_layers)
 
     source = _teacher_source(cfg, data, spec, teacher_layers, device) if needs_teacher else None
@@ -133,13 +133,8 @@ def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int]
         raise ConfigError(f"train.teacher_source must be auto, cache or live, not '{source}'")
     if cfg.train.augment:
         raise ConfigError("train.augment=true needs the live teacher (cached features would be stale); set train.teacher_source=live or auto")
-    path = ensure_features(cfg, data, layers)
-    _, teacher_sha = load_teacher(cfg, data, torch.device("cpu"))
-    cache = FeatureCache(path)
-    cache.check(
-        {"teacher_sha256": teacher_sha, "dataset": data.fingerprint, "split": "train"},
-        rebuild_hint=f"rebuild it with: make profile DATASET={cfg.dataset.name} TEACHER={cfg.teacher.name}",
-    )
+    # ensure_features refuses a cache of another checkpoint or other data (stage 1 rebuilds it).
+    cache = FeatureCache(ensure_features(cfg, data, layers))
     rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
     return CachedTeacher(cache, layers, logits, device, ram_budget(), rows=rows)
 

@@ -27,7 +27,7 @@ from common.config import Config, to_dict
 from common.data import Data, load_data
 from common.errors import CacheError, ConfigError
 from common.io import atomic_write, atomic_write_yaml, code_version, file_lock, peak_rss_mb, versions
-from common.layers import extract, forward_with_features, layer_table, resolve_layers
+from common.layers import LayerInfo, extract, forward_with_features, layer_table, resolve_layers
 from common.models import MODELS
 from common.quality import CRITERIA, draw_subsets, layer_stats, select_layers
 from common.report import plot_quality
@@ -52,8 +52,7 @@ class Profile:
 
 def list_layers(cfg: Config, data: Data) -> pd.DataFrame:
     """Index, module path, output shape and bytes per sample of each generalized layer (METHOD 4)."""
-    model = build_teacher(cfg, data)
-    table = layer_table(model, (data.in_channels, data.image_size, data.image_size))
+    table = _teacher_layers(cfg, data)
     baseline = set(MODELS.get(cfg.teacher.name).baseline_layers)
     return pd.DataFrame(
         {
@@ -67,6 +66,21 @@ def list_layers(cfg: Config, data: Data) -> pd.DataFrame:
         }
         for t in table
     )
+
+
+def layer_shapes(cfg: Config, data: Data) -> dict[int, tuple[int, ...]]:
+    """Per-sample output shape of every teacher generalized layer."""
+    return {t.index: t.shape for t in _teacher_layers(cfg, data)}
+
+
+def _teacher_layers(cfg: Config, data: Data) -> list[LayerInfo]:
+    """The teacher's generalized layers with their shapes, from one dummy forward of an untrained copy."""
+    return layer_table(build_teacher(cfg, data), (data.in_channels, data.image_size, data.image_size))
+
+
+def cache_identity(teacher_sha: str, data: Data) -> dict[str, str]:
+    """What makes cached teacher outputs valid: the checkpoint, the data (with preprocessing), the split."""
+    return {"teacher_sha256": teacher_sha, "dataset": data.fingerprint, "split": "train"}
 
 
 def run(cfg: Config, data: Data | None = None) -> Profile:
@@ -129,9 +143,7 @@ def _ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_s
     layers = table["layer"].tolist()
     acts_path = pdir / ACTIVATIONS
     meta = {
-        "teacher_sha256": teacher_sha,
-        "dataset": data.fingerprint,
-        "split": "train",
+        **cache_identity(teacher_sha, data),
         "positions": "q-subsets",
         "profile": artifacts.profile_key(cfg),
         "layers": layers,
@@ -140,7 +152,8 @@ def _ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_s
     }
     if not _valid(acts_path, meta):
         tic = time.perf_counter()
-        shapes = {layer_name(i): _shape(s) for i, s in zip(layers, table["shape"])}
+        all_shapes = layer_shapes(cfg, data)
+        shapes = {layer_name(i): all_shapes[i] for i in layers}
         shapes["positions"] = ()
         write_h5(
             acts_path,
@@ -213,9 +226,7 @@ def _ensure_features(
 ) -> Path:
     path = pdir / FEATURES
     base_meta = {
-        "teacher_sha256": teacher_sha,
-        "dataset": data.fingerprint,
-        "split": "train",
+        **cache_identity(teacher_sha, data),
         "positions": "all",
         "dtype": cfg.profile.cache_dtype,
     }
@@ -236,14 +247,14 @@ def _ensure_features(
         return path
     if cfg.profile.cache_dtype not in ("float16", "float32"):
         raise ConfigError(f"profile.cache_dtype must be float16 or float32, not '{cfg.profile.cache_dtype}'")
-    table = list_layers(cfg, data)
-    shapes = {layer_name(i): _shape(table.loc[table["layer"] == i, "shape"].item()) for i in missing}
+    all_shapes = layer_shapes(cfg, data)
+    shapes = {layer_name(i): all_shapes[i] for i in missing}
     dtypes = {n: cfg.profile.cache_dtype for n in shapes}
     all_layers = sorted(set(have) | set(missing))
     new_meta = {
         **base_meta,
         "layers": all_layers,
-        "shapes": {str(i): list(_shape(table.loc[table["layer"] == i, "shape"].item())) for i in all_layers},
+        "shapes": {str(i): list(all_shapes[i]) for i in all_layers},
         "preprocessing": {"mean": data.mean.tolist(), "std": data.std.tolist(), "image_size": data.image_size},
         "sample_order": "training split, original order",
         "code_version": code_version(),
@@ -310,10 +321,6 @@ def _read_yaml(path: Path) -> dict:
 
 def _sidecar(pdir: Path) -> dict:
     return _read_yaml(pdir / "quality.meta.yaml")
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in str(text).split("x")) if str(text) else ()
 
 
 def _rebuild_hint(cfg: Config) -> str:
