@@ -1,14 +1,19 @@
 """Where artifacts live and what keys them.
 
-    <artifacts>/<dataset>/<teacher>-<thash>/                 teacher.pt, metrics.csv, config.yaml, done
-    <artifacts>/<dataset>/<teacher>-<thash>/profile-<phash>/ activations.h5, quality.csv, quality.png,
-                                                             selection.yaml, features.h5, done
+    <artifacts>/<dataset>/<teacher>-<thash>/                 teacher.pt, metrics.csv, config.yaml, done,
+                                                             features-<dtype>.h5 (teacher outputs, rows on demand)
+    <artifacts>/<dataset>/<teacher>-<thash>/quality-<qhash>/ layer_stats.csv (S/I/E/Q), [activations.h5]
+    <artifacts>/<dataset>/<teacher>-<thash>/profile-<phash>/ profile.yaml (stage 1 -> stage 2), quality.csv,
+                                                             quality.png, selection.yaml, done
     <artifacts>/<dataset>/<teacher>__<student>/<method>-<rhash>/seed<k>/
                                                              config.yaml, metrics.csv, student.pt, done
 
 Each hash covers exactly the resolved settings that change the artifact (not the device, the
 progress bar or the data root), so two runs that differ in anything but the seed never share a
-directory, and a rerun with the same settings finds its finished work.
+directory, and a rerun with the same settings finds its finished work. Keys follow dependencies:
+S/I/E/Q depend on the analysis pool and subsets only (qhash), the selection adds k, the
+criterion and an explicit list (phash), and a run depends on the teacher layers it uses, not
+on how they were chosen (rhash).
 """
 from __future__ import annotations
 
@@ -51,33 +56,53 @@ def teacher_dir(cfg: Config, data: Data) -> Path:
     return Path(cfg.artifacts) / cfg.dataset.name / teacher_id(cfg, data)
 
 
+def quality_key(cfg: Config) -> dict[str, Any]:
+    """What S/I/E/Q depend on besides the teacher: the analysis pool and the subsets (METHOD 6.1, 6.2)."""
+    p = cfg.profile
+    return {"pool_size": p.pool_size, "subset_size": p.subset_size, "per_class_cap": p.per_class_cap, "seed": p.seed}
+
+
+def quality_dir(cfg: Config, data: Data) -> Path:
+    return teacher_dir(cfg, data) / f"quality-{short_hash(quality_key(cfg))}"
+
+
 def profile_key(cfg: Config) -> dict[str, Any]:
-    p = dataclasses.asdict(cfg.profile)
-    return {k: v for k, v in p.items() if k not in ("batch_size", "device", "progress")}
+    """The selection: S/I/E/Q's key plus k, the criterion and an explicit list (METHOD 0.4)."""
+    p = cfg.profile
+    return {**quality_key(cfg), "k": p.k, "criterion": p.criterion, "layers": p.layers}
 
 
 def profile_dir(cfg: Config, data: Data) -> Path:
     return teacher_dir(cfg, data) / f"profile-{short_hash(profile_key(cfg))}"
 
 
-def run_key(cfg: Config, data: Data, method: dict[str, Any], uses_teacher: bool) -> dict[str, Any]:
-    """Everything that changes a distillation run except its seed."""
+def run_key(cfg: Config, data: Data, method: dict[str, Any], teacher: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything that changes a distillation run except its seed.
+
+    teacher: None for a method without a teacher, else what the run takes from it (see
+    `teacher_use`): the resolved layer indices, not the profile settings that chose them.
+    """
     key: dict[str, Any] = {
         "dataset": dataset_key(cfg, data),
         "student": dataclasses.asdict(cfg.student),
         "method": method,
         "train": _train_key(cfg.train),
     }
-    if uses_teacher:
-        key["teacher"] = teacher_id(cfg, data)
-        key["profile"] = profile_key(cfg)
+    if teacher is not None:
+        key["teacher"] = {"id": teacher_id(cfg, data), **teacher}
     return key
+
+
+def teacher_use(teacher_layers: list[int], cache_dtype: str) -> dict[str, Any]:
+    """What a run takes from its teacher: these layers' features (and the logits), read from a
+    cache of this dtype (float16 rounding changes a run; a float32 cache equals the live teacher)."""
+    return {"layers": list(teacher_layers), "cache_dtype": cache_dtype}
 
 
 def pair_dir(cfg: Config) -> Path:
     return Path(cfg.artifacts) / cfg.dataset.name / f"{cfg.teacher.name}__{cfg.student.name}"
 
 
-def run_dir(cfg: Config, data: Data, method: dict[str, Any], uses_teacher: bool, seed: int) -> Path:
-    name = f"{method['name']}-{short_hash(run_key(cfg, data, method, uses_teacher))}"
+def run_dir(cfg: Config, data: Data, method: dict[str, Any], teacher: dict[str, Any] | None, seed: int) -> Path:
+    name = f"{method['name']}-{short_hash(run_key(cfg, data, method, teacher))}"
     return pair_dir(cfg) / name / f"seed{seed}"

@@ -6,7 +6,11 @@ stage 2 reads mini-batch rows of it every step for many epochs.
 
 File format: one flat HDF5 dataset of shape (n, *shape) per name, attributes `meta` (a JSON
 string: whatever keys the caller passes, checked by `FeatureCache.check`), `n`, `format_version`
-and `complete` (set last, so a file without it is never trusted).
+and `complete` (set last, so a file without it is never trusted). A cache of some rows of the
+training split (the students' training subset) has a dataset `positions`: the sorted
+training-split position of each row. Readers then address rows by training-split position
+(`gather`, `load`), and asking for a position the file does not hold is a CacheError, never a
+wrong row.
 
 Read path, measured by `bench/bench_cache_read.py`: datasets are stored *contiguous* (not
 chunked) because HDF5 point selections on chunked datasets cost tens of ms per 128-row batch
@@ -32,6 +36,7 @@ from tqdm import tqdm
 from common.errors import CacheError, ConfigError
 
 FORMAT_VERSION = 1
+POSITIONS = "positions"  # dataset: training-split position of each row (sorted)
 DEFAULT_REBUILD_HINT = "rerun stage 1 (stage1_profile_teacher.py)"
 # A sorted gather reads one slice instead of a point selection when the rows fill at least this
 # share of their span (measured: a slice wins only for nearly contiguous rows).
@@ -248,6 +253,10 @@ class FeatureCache:
                 f"delete it and {rebuild_hint}"
             ) from err
         self._rebuild_hint = rebuild_hint
+        # training-split position of each row; None: row i is position i (a whole-split cache)
+        self.positions: torch.Tensor | None = None
+        if POSITIONS in self.names:
+            self.positions = torch.from_numpy(self._file[POSITIONS][:].astype(np.int64))
 
     def __enter__(self) -> FeatureCache:
         return self
@@ -286,17 +295,49 @@ class FeatureCache:
                     f"{rebuild_hint}"
                 )
 
+    def rows_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """File rows holding training-split `positions` (same order).
+
+        CacheError when the file holds no row for one of them (a cache of another training
+        subset: extend it, see common/profile.py); IndexError for a whole-split cache asked
+        for a position past its end.
+        """
+        index = positions.detach().cpu().reshape(-1).long()
+        if self.positions is None:
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n):
+                raise IndexError(f"gather indices must lie in [0, {self.n}) for {self.path}")
+            return index
+        if not self.positions.numel():
+            rows = torch.zeros_like(index)
+            absent = torch.ones_like(index, dtype=torch.bool)
+        else:
+            rows = torch.searchsorted(self.positions, index).clamp_(max=len(self.positions) - 1)
+            absent = self.positions[rows] != index
+        if bool(absent.any()):
+            raise CacheError(
+                f"{self.path} holds no row for training position {int(index[absent][0])} "
+                f"({int(absent.sum())} of {index.numel()} asked for are missing; it caches {len(self.positions)} rows); "
+                f"{self._rebuild_hint}"
+            )
+        return rows
+
+    def covers(self, positions: torch.Tensor) -> bool:
+        """True when every training-split position in `positions` has a row in this file."""
+        try:
+            self.rows_of(positions)
+        except (CacheError, IndexError):
+            return False
+        return True
+
     def load(self, names: Sequence[str], max_bytes: int, rows: torch.Tensor | None = None) -> bool:
         """Read `names` into RAM if their stored size totals <= max_bytes; all or nothing.
 
-        rows: only these rows (e.g. a student's training subset), so a run on 2 000 images does
-        not hold the features of all 60 000. Kept in the stored dtype (float16 halves the RAM);
-        `gather` converts per batch and then accepts only loaded rows.
+        rows: only these training-split positions (e.g. a student's training subset), so a run
+        on 2 000 images does not hold the features of all 60 000. Kept in the stored dtype
+        (float16 halves the RAM); `gather` converts per batch and then accepts only loaded rows.
         """
         if rows is not None:
-            rows = torch.unique(rows.detach().cpu().long())
-            if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= self.n):
-                raise IndexError(f"rows to load must lie in [0, {self.n}) for {self.path}")
+            rows = torch.unique(self.rows_of(rows))
         n_rows = self.n if rows is None else int(rows.numel())
         if sum(self.nbytes(name) // max(1, self.n) * n_rows for name in names) > max_bytes:
             return False
@@ -320,15 +361,13 @@ class FeatureCache:
         return name in self._ram
 
     def gather(self, name: str, indices: torch.Tensor) -> torch.Tensor:
-        """Rows `indices` (any order, duplicates allowed) of `name`, in that order.
+        """Rows of training-split positions `indices` (any order, duplicates allowed) of `name`.
 
         Floating datasets come back as float32, others (labels) in their stored dtype. From RAM
         if loaded; from disk otherwise: h5py needs increasing unique indices, so sort + dedupe,
         read (one slice when the rows nearly fill their span), and undo the sort.
         """
-        index = indices.detach().cpu().reshape(-1).long()
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n):
-            raise IndexError(f"gather indices must lie in [0, {self.n}) for {self.path}")
+        index = self.rows_of(indices)
         if name in self._ram:
             if self._ram_position is not None:
                 index = self._ram_position[index]

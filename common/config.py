@@ -20,7 +20,7 @@ import yaml
 
 from common.errors import ConfigError
 
-LayerSpec = Union[str, list[int], None]  # "selected" | "baseline" | explicit indices
+LayerSpec = Union[str, list[int], None]  # a word ("selected", "baseline", a criterion) | explicit indices
 
 
 @dataclass
@@ -69,11 +69,14 @@ class ProfileConfig:
     k: int = 4
     criterion: str = "Q"  # Q | S | I | E | sqrtIE
     layers: list[int] | None = None  # explicit teacher layers instead of top-k
+    pool_size: int | None = None  # images the Q subsets are drawn from; None: the whole training split
     subset_size: int = 5000  # subset A: floor(subset_size / C) per class
     per_class_cap: int = 500  # subset B: min(cap, floor(n_pool / C)) per class
     seed: int = 0
     batch_size: int = 256
-    cache_dtype: str = "float16"  # dtype of features.h5 (float16 | float32)
+    memory_budget_mb: int = 2048  # features + Grams S/I/E/Q may hold at once (RAM, or GPU memory on a GPU)
+    keep_activations: bool = False  # also write subset A's features of every layer (activations.h5)
+    cache_dtype: str = "float16"  # dtype of the feature cache (float16 | float32)
     device: str = "auto"
     progress: bool = True
 
@@ -91,8 +94,7 @@ class MethodConfig:
     kd_temperature: float | None = None
     kd_standardize: bool | None = None
     feature_weight: float | None = None
-    teacher_layers: LayerSpec = None  # "selected" | "baseline" | [indices]
-    criterion: str | None = None  # which profile column picks "selected" layers
+    teacher_layers: LayerSpec = None  # "selected" | "baseline" | Q | S | I | E | sqrtIE (top-k by it) | [indices]
     student_layers: LayerSpec = None  # "baseline" | [indices]
     mapping: str | None = None  # one2one | full
     projector: str | None = None  # conv1x1 | three_layer | none

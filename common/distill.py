@@ -22,9 +22,8 @@ from common.io import atomic_write_text, atomic_write_yaml, file_lock, versions
 from common.layers import resolve_layers
 from common.methods import MethodSpec, build_distiller, resolve_method
 from common.models import MODELS, create_model
-from common.profile import ensure_features, layer_shapes, list_layers
-from common.profile import run as run_profile
-from common.profile import select_from_quality
+from common import profile
+from common.profile import layer_shapes, list_layers
 from common.teacher import CachedTeacher, check_names, LiveTeacher, ensure_teacher, load_teacher, ram_budget
 from common.train import CHECKPOINT, TeacherSource, finish, fit, resolve_device, seed_everything
 
@@ -46,8 +45,10 @@ def uses_teacher(spec: MethodSpec) -> bool:
 def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int], list[int]]:
     """Teacher and student layer lists of a feature method (METHOD 7; section 0 item 4).
 
-    Explicit lists and the pairing are checked before anything is trained; only "selected"
-    teacher layers need the profile (built here, with the teacher, if missing).
+    Explicit lists and the pairing are checked before anything is trained. A teacher-layer word
+    other than "baseline" ("selected", a criterion) is read from stage 1's manifest through
+    `Manifest.teacher_layers` (stage 1 runs first when the profile is missing): stage 2 never
+    selects layers itself.
     """
     if spec.feature_loss == "none" and not spec.teacher_head:
         return [], []
@@ -57,22 +58,26 @@ def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int],
         student_layers = list(MODELS.get(cfg.student.name).baseline_layers)
     else:
         student_layers = sorted(resolve_layers(spec.student_layers, n_student, "student layer"))
-    teacher_layers: list[int] | None = None
+    from_profile = isinstance(spec.teacher_layers, str) and spec.teacher_layers != "baseline"
+    teacher_layers: list[int] = []
     if spec.teacher_layers == "baseline":
         teacher_layers = list(MODELS.get(cfg.teacher.name).baseline_layers)
-    elif spec.teacher_layers == "selected" and cfg.profile.layers:
-        teacher_layers = sorted(resolve_layers(cfg.profile.layers, n_teacher, "profile.layers entry"))
-    elif spec.teacher_layers != "selected":
+    elif not from_profile:
         teacher_layers = sorted(resolve_layers(spec.teacher_layers, n_teacher, "teacher layer"))
-    n_pairs = len(teacher_layers) if teacher_layers is not None else cfg.profile.k
+    if from_profile:
+        profile.validate(cfg, n_teacher)
+        explicit = spec.teacher_layers == "selected" and cfg.profile.layers
+        n_pairs = len(cfg.profile.layers) if explicit else cfg.profile.k
+        shown = f"profile.layers {cfg.profile.layers}" if explicit else f"the top-{cfg.profile.k} by {cfg.profile.criterion if spec.teacher_layers == 'selected' else spec.teacher_layers}"
+    else:
+        n_pairs, shown = len(teacher_layers), str(teacher_layers)
     if spec.mapping == "one2one" and n_pairs != len(student_layers):
-        shown = teacher_layers if teacher_layers is not None else f"the top-{cfg.profile.k} by {spec.criterion}"
         raise ConfigError(
             f"method {spec.name} pairs teacher layers {shown} one-to-one with student layers {student_layers}; "
             f"give as many of each (profile.k or method.student_layers=[...])"
         )
-    if teacher_layers is None:
-        teacher_layers = select_from_quality(run_profile(cfg, data).quality, cfg.profile.k, spec.criterion)
+    if from_profile:
+        teacher_layers = profile.manifest_for(cfg, data).teacher_layers(str(spec.teacher_layers))
     return teacher_layers, student_layers
 
 
@@ -87,19 +92,22 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False) -> l
     spec = resolve_method(cfg.method)
     method = dataclasses.asdict(spec)
     needs_teacher = uses_teacher(spec)
-    todo = [s for s in seeds if not (artifacts.run_dir(cfg, data, method, needs_teacher, s) / "done").exists()]
+    teacher_layers: list[int] = []
+    student_layers: list[int] = []
+    if needs_teacher:
+        teacher_layers, student_layers = resolve_pairs(cfg, spec, data)  # checks lists before training
+    use = artifacts.teacher_use(teacher_layers, cfg.profile.cache_dtype) if needs_teacher else None
+    dirs = {s: artifacts.run_dir(cfg, data, method, use, s) for s in seeds}
+    todo = [s for s in seeds if not (dirs[s] / "done").exists()]
     for s in sorted(set(seeds) - set(todo)):
-        log.info("distill %s seed %d: finished, skipping (%s)", spec.name, s, artifacts.run_dir(cfg, data, method, needs_teacher, s))
-    results = [RunResult(s, artifacts.run_dir(cfg, data, method, needs_teacher, s), True) for s in seeds if s not in todo]
+        log.info("distill %s seed %d: finished, skipping (%s)", spec.name, s, dirs[s])
+    results = [RunResult(s, dirs[s], True) for s in seeds if s not in todo]
     if not todo:
         return results
 
-    teacher_layers: list[int] = []
-    student_layers: list[int] = []
     teacher_shapes: dict[int, tuple[int, ...]] = {}
     device = resolve_device(cfg.train.device)
     if needs_teacher:
-        teacher_layers, student_layers = resolve_pairs(cfg, spec, data)  # checks lists before training
         ensure_teacher(cfg, data)
         all_shapes = layer_shapes(cfg, data)
         teacher_shapes = {i: all_shapes[i] for i in teacher_layers}
@@ -108,7 +116,7 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False) -> l
     source = _teacher_source(cfg, data, spec, teacher_layers, device) if needs_teacher else None
     teacher_model = load_teacher(cfg, data, device)[0] if spec.teacher_head else None
     for seed in todo:
-        rdir = artifacts.run_dir(cfg, data, method, needs_teacher, seed)
+        rdir = dirs[seed]
         with file_lock(rdir / ".lock"):
             if (rdir / "done").exists():  # another process finished it while we waited
                 results.append(RunResult(seed, rdir, True))
@@ -134,8 +142,8 @@ def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int]
     if cfg.train.augment:
         raise ConfigError("train.augment=true needs the live teacher (cached features would be stale); set train.teacher_source=live or auto")
     # ensure_features refuses a cache of another checkpoint or other data (stage 1 rebuilds it).
-    cache = FeatureCache(ensure_features(cfg, data, layers))
     rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
+    cache = FeatureCache(profile.ensure_features(cfg, data, layers, rows))
     return CachedTeacher(cache, layers, logits, device, ram_budget(), rows=rows)
 
 

@@ -73,6 +73,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def io_written_mb() -> float:
+    """MiB this process has caused to be written to storage so far (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/io") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        return int(fields["write_bytes"]) / 2**20
+    except (OSError, KeyError, ValueError):
+        return 0.0
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -157,26 +157,39 @@ def _row_blocks(n: int) -> list[slice]:
 
 
 def gram_matrix(x: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-    """G = X X^T and the squared row norms of X [n, D], in float64 on `device`.
-
-    Accumulated over feature chunks (each input element is converted once); only the lower
-    block triangle is multiplied, since G is symmetric.
-    """
-    n, dim = x.shape
+    """G = X X^T and the squared row norms of X [n, D], in float64 on `device`."""
+    n = x.shape[0]
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
     sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
+    accumulate_gram(gram, sq_norms, x)
+    symmetrize_gram(gram)
+    return gram, sq_norms
+
+
+def accumulate_gram(gram: Tensor, sq_norms: Tensor, x: Tensor) -> None:
+    """gram += X X^T (lower block triangle only) and sq_norms += row norms^2, for X [n, d] in place.
+
+    Accumulated over feature chunks (each input element is converted to float64 once), so the
+    Gram of a wide layer can also be summed over column slices held at different times (the
+    streaming profile). Call `symmetrize_gram` after the last slice.
+    """
+    n, dim = x.shape
     blocks = _row_blocks(n)
     cols = max(1, _CHUNK_ELEMENTS // max(n, 1))
     for f0 in range(0, dim, cols):
-        chunk = x[:, f0 : f0 + cols].to(device=device, dtype=torch.float64)
+        chunk = x[:, f0 : f0 + cols].to(device=gram.device, dtype=torch.float64)
         sq_norms += chunk.square().sum(1)
         for i, rows in enumerate(blocks):
             for other in blocks[: i + 1]:
                 gram[rows, other].addmm_(chunk[rows], chunk[other].T)
+
+
+def symmetrize_gram(gram: Tensor) -> None:
+    """Copy the lower block triangle written by `accumulate_gram` onto the upper one."""
+    blocks = _row_blocks(gram.shape[0])
     for i, rows in enumerate(blocks):
         for other in blocks[:i]:
             gram[other, rows] = gram[rows, other].T
-    return gram, sq_norms
 
 
 def _sq_distance_bounds(
@@ -208,28 +221,51 @@ def _exact_min_sq_distance(x: Tensor, rows: Tensor, cols: Tensor, device: torch.
     return best
 
 
+# Resolves the candidate pairs of the exact minimum-distance re-check: given, per class, the
+# positions (rows, cols) of candidate pairs in the caller's row order, return per class
+# min ||x_row - x_col||^2 computed directly in float64. In memory that indexes X; the streaming
+# profile recomputes the few rows it needs with a teacher forward.
+MinDistanceResolver = Callable[[list[tuple[Tensor, Tensor]]], list[float]]
+
+
 def class_geometry(x: Tensor, y: Tensor, device: torch.device) -> dict[str, float]:
     """Class-averaged statistics 4 and 6 of subset A (METHOD 6.4, 6.5), float64.
 
-    x: [n, D] flattened raw features; y: [n] labels. Returns AvgIntra, AvgInter, AvgMinIntra,
-    AvgNorm, AvgMinInterDist: plain means over the classes k (and the C(C-1) ordered pairs for
-    AvgInter) of the per-class values
+    x: [n, D] flattened raw features; y: [n] labels. See `geometry_from_gram` for the values.
+    """
+    gram, sq = gram_matrix(x, device)
+
+    def resolve(candidates: list[tuple[Tensor, Tensor]]) -> list[float]:
+        return [_exact_min_sq_distance(x, rows, cols, device) for rows, cols in candidates]
+
+    return geometry_from_gram(gram, sq, y, x.shape[1], resolve)
+
+
+def geometry_from_gram(gram: Tensor, sq: Tensor, y: Tensor, dim: int, resolve: MinDistanceResolver) -> dict[str, float]:
+    """Class-averaged statistics 4 and 6 of subset A from its Gram G = X X^T (METHOD 6.4, 6.5).
+
+    gram [n, n] and sq [n] (squared row norms) in float64, on the device to compute on; y: [n]
+    labels; dim: D, for the rounding bound; resolve: computes the exact minimum distance of the
+    candidate pairs (see MinDistanceResolver). Returns AvgIntra, AvgInter, AvgMinIntra, AvgNorm,
+    AvgMinInterDist: plain means over the classes k (and the C(C-1) ordered pairs for AvgInter)
+    of the per-class values
       AvgIntraClassDPS_k   mean |cos| over the FULL class block, diagonal (= 1) included (12.4),
       MinIntraClassDPS_k   min |cos| over the same block,
       AvgInterClassDPS_kj  mean |cos| between classes k and j,
       AvgClassNorm_k       mean ||x_a||,
       MinInterClassDist_k  min ||x_a - x_b|| over a in class k, b in any other class.
     """
-    n, dim = x.shape
+    device = gram.device
+    n = gram.shape[0]
     y = y.detach().reshape(-1).to(device)
     classes, y_idx, counts = torch.unique(y, return_inverse=True, return_counts=True)
     num_classes = classes.numel()
 
-    gram, sq = gram_matrix(x, device)
     order = torch.argsort(y_idx, stable=True)  # classes become contiguous row ranges
-    gram = gram[order[:, None], order[None, :]]
-    sq = sq[order]
-    y_idx = y_idx[order]
+    if bool((order != torch.arange(n, device=device)).any()):  # the streaming profile passes them sorted
+        gram = gram[order[:, None], order[None, :]]
+        sq = sq[order]
+        y_idx = y_idx[order]
     norms = sq.sqrt()
     # first-order bound on the rounding error of sq_a + sq_b - 2 <a, b> (D-term float64 sums)
     gamma = 4.0 * (dim + 4) * _UNIT_ROUNDOFF
@@ -237,7 +273,7 @@ def class_geometry(x: Tensor, y: Tensor, device: torch.device) -> dict[str, floa
     block_sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     min_intra = torch.empty(num_classes, dtype=torch.float64, device=device)
     avg_norm = torch.empty(num_classes, dtype=torch.float64, device=device)
-    min_inter_dist = torch.empty(num_classes, dtype=torch.float64)
+    candidates: list[tuple[Tensor, Tensor]] = []
     chunk_rows = max(1, _CHUNK_ELEMENTS // (8 * n))  # bounds every [rows, n] temporary
     ends = torch.cumsum(counts, 0).tolist()
     for k, (start, end) in enumerate(zip([0] + ends[:-1], ends)):
@@ -266,7 +302,8 @@ def class_geometry(x: Tensor, y: Tensor, device: torch.device) -> dict[str, floa
         if lower.numel() > _MAX_CANDIDATES:
             keep = torch.topk(lower, _MAX_CANDIDATES, largest=False).indices
             rows, cols = rows[keep], cols[keep]
-        min_inter_dist[k] = math.sqrt(_exact_min_sq_distance(x, order[rows], order[cols], device))
+        candidates.append((order[rows], order[cols]))  # back to the caller's row order
+    min_inter_dist = torch.tensor(resolve(candidates), dtype=torch.float64).sqrt()
 
     sizes = counts.to(torch.float64)
     block_means = (block_sums / (sizes[:, None] * sizes[None, :])).cpu()
@@ -326,14 +363,21 @@ def class_spectra(x: Tensor, y: Tensor, device: torch.device) -> tuple[Tensor, T
     A class with zero total variance gives a NaN row, as in the reference.
     """
     y = y.detach().reshape(-1).to(x.device)
-    classes, counts = torch.unique(y, return_counts=True)
-    n_max = int(counts.max())
-    lam = torch.zeros(classes.numel(), n_max, dtype=torch.float64)
-    lengths = torch.empty(classes.numel(), dtype=torch.long)
-    for k, c in enumerate(classes):
-        s2 = _centred_sq_singular_values(x[y == c], device).cpu()
+    classes = torch.unique(y)
+    return explained_variance_rows([class_spectrum(x[y == c], device) for c in classes])
+
+
+def class_spectrum(z: Tensor, device: torch.device) -> Tensor:
+    """Squared singular values of one class's column-centred features z [n_k, ...] (statistic 7)."""
+    return _centred_sq_singular_values(flatten_features(z), device).cpu()
+
+
+def explained_variance_rows(spectra: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-class squared singular values -> (lam [C, n_max] zero-padded, lengths [C]) (METHOD 6.4)."""
+    lengths = torch.tensor([s2.numel() for s2 in spectra], dtype=torch.long)
+    lam = torch.zeros(len(spectra), int(lengths.max()), dtype=torch.float64)
+    for k, s2 in enumerate(spectra):
         lam[k, : s2.numel()] = s2 / s2.sum()
-        lengths[k] = s2.numel()
     return lam, lengths
 
 
@@ -424,15 +468,20 @@ def layer_stats(
         raise ConfigError(f"n_train must be the training-set size (>= 1), got {n_train}")
 
     flat_a = flatten_features(xa)
-    flat_b = flatten_features(xb)
-    dim = flat_a.shape[1]
-
     geometry = class_geometry(flat_a, ya, device)
-    lam, lengths = class_spectra(flat_b, yb, device)
+    lam, lengths = class_spectra(flatten_features(xb), yb, device)
+    return statistics_to_quality(geometry, lam, lengths, n_a=flat_a.shape[0], dim=flat_a.shape[1], n_train=n_train)
+
+
+def statistics_to_quality(
+    geometry: Mapping[str, float], lam: Tensor, lengths: Tensor, *, n_a: int, dim: int, n_train: int
+) -> dict[str, float]:
+    """S, I, E, Q and sqrtIE (METHOD 6.5) from statistics 4 and 6 on subset A (`geometry`, as
+    `geometry_from_gram` returns them) and statistic 7 on subset B (`lam`, `lengths`, as
+    `explained_variance_rows` returns them). n_a = |A|; dim = flattened D; n_train for K."""
     entropy, truncation = class_entropies(lam, lengths)
     svde = float(entropy.mean())
-
-    pcagid = min(flat_a.shape[0], dim)
+    pcagid = min(n_a, dim)
     k_factor = efficiency_factor(n_train, pcagid)
     s = separation(geometry["AvgIntra"], geometry["AvgInter"])
     i = information(geometry["AvgMinIntra"], svde)

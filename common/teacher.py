@@ -112,6 +112,14 @@ def load_teacher(cfg: Config, data: Data, device: torch.device) -> tuple[nn.Modu
     return model, sha256_file(path)
 
 
+def checkpoint_sha(cfg: Config, data: Data) -> str:
+    """sha256 of the finished teacher's checkpoint (what every cache of its outputs is keyed by)."""
+    path = artifacts.teacher_dir(cfg, data) / WEIGHTS
+    if not path.exists():
+        raise CacheError(f"no trained teacher at {path}; train it with: make teacher DATASET={cfg.dataset.name} TEACHER={cfg.teacher.name}")
+    return sha256_file(path)
+
+
 class LiveTeacher:
     """Teacher features/logits from an eval-mode forward on the (augmented) batch."""
 

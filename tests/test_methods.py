@@ -122,12 +122,12 @@ def test_preset_table():
     assert (spec["kd"].kd_weight, spec["kd"].kd_temperature, spec["kd"].kd_standardize) == (16.0, 4.0, False)
     assert spec["kd_std"].kd_standardize
     ours = spec["ours"]
-    assert (ours.teacher_layers, ours.criterion, ours.student_layers, ours.mapping, ours.projector) == (
-        "selected", "Q", "baseline", "one2one", "conv1x1")
+    assert (ours.teacher_layers, ours.student_layers, ours.mapping, ours.projector) == (
+        "selected", "baseline", "one2one", "conv1x1")
     assert ours.detach_head and ours.ce_weight == 1 and ours.kd_weight == 0 and ours.feature_loss == "mse"
     assert not spec["ours+ce"].detach_head and spec["ours+ce"].kd_weight == 0
     assert not spec["ours+ce+kd"].detach_head and spec["ours+ce+kd"].kd_weight == 16
-    assert [spec[n].criterion for n in ("ours_s", "ours_i", "ours_e", "ours_sqrtie")] == ["S", "I", "E", "sqrtIE"]
+    assert [spec[n].teacher_layers for n in ("ours_s", "ours_i", "ours_e", "ours_sqrtie")] == ["S", "I", "E", "sqrtIE"]
     assert all(spec[n].detach_head for n in ("ours_s", "ours_i", "ours_e", "ours_sqrtie", "stl_seplin"))
     assert spec["fitnet"].kd_weight == 16 and spec["fitnet_nokd"].kd_weight == 0
     assert spec["fitnet_fc"].mapping == "full" and spec["sp"].projector == "none"
@@ -358,8 +358,9 @@ def test_semckd_needs_the_batch_size():
 
 
 def test_resolve_method_applies_overrides_without_touching_the_preset():
-    spec = resolve_method(MethodConfig(name="ours", mapping="full", teacher_layers=[3, 5], kd_weight=2.0, criterion="E"))
-    assert (spec.mapping, spec.teacher_layers, spec.kd_weight, spec.criterion) == ("full", (3, 5), 2.0, "E")
+    spec = resolve_method(MethodConfig(name="ours", mapping="full", teacher_layers=[3, 5], kd_weight=2.0))
+    assert (spec.mapping, spec.teacher_layers, spec.kd_weight) == ("full", (3, 5), 2.0)
+    assert resolve_method(MethodConfig(name="ours", teacher_layers="E")).teacher_layers == "E"
     assert spec.detach_head and spec.name == "ours"
     preset = METHODS.get("ours").spec
     assert (preset.mapping, preset.teacher_layers, preset.kd_weight) == ("one2one", "selected", 0.0)
@@ -376,8 +377,7 @@ def test_unknown_method_lists_the_names():
     [
         ({"mapping": "many"}, "method.mapping.*one2one"),
         ({"projector": "mlp"}, "method.projector.*conv1x1"),
-        ({"criterion": "Z"}, "method.criterion.*sqrtIE"),
-        ({"teacher_layers": "best"}, "method.teacher_layers"),
+        ({"teacher_layers": "best"}, "method.teacher_layers.*sqrtIE"),
         ({"student_layers": "selected"}, "method.student_layers"),
         ({"kd_weight": -1.0}, "method.kd_weight"),
         ({"kd_temperature": 0.0}, "method.kd_temperature"),

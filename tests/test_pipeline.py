@@ -78,11 +78,17 @@ def test_profile_writes_quality_selection_and_features(profiled):
         assert torch.equal(cache.gather("labels", torch.arange(5)), data.train.labels[:5])
 
 
+def _stamps(cfg, data) -> dict[str, int]:
+    tdir = artifacts.teacher_dir(cfg, data)
+    return {str(p.relative_to(tdir)): p.stat().st_mtime_ns for p in tdir.rglob("*") if p.suffix in (".h5", ".csv", ".yaml", ".png")}
+
+
 def test_rerun_does_no_work(profiled):
     _, cfg, data, prof = profiled
-    stamps = {p.name: p.stat().st_mtime_ns for p in prof.dir.iterdir() if p.suffix in (".h5", ".csv")}
-    again = profile.run(cfg, data)
-    assert {p.name: p.stat().st_mtime_ns for p in again.dir.iterdir() if p.suffix in (".h5", ".csv")} == stamps
+    stamps = _stamps(cfg, data)
+    assert {"features-float16.h5", f"{prof.dir.name}/profile.yaml", f"{prof.dir.name}/quality.csv"} <= set(stamps)
+    profile.run(cfg, data)
+    assert _stamps(cfg, data) == stamps
 
 
 def test_cached_features_equal_live_teacher(profiled):
@@ -144,11 +150,13 @@ def test_different_settings_never_share_a_run_dir(profiled):
     import dataclasses
 
     spec = dataclasses.asdict(resolve_method(cfg.method))
-    a = artifacts.run_dir(cfg, data, spec, True, 0)
+    use = artifacts.teacher_use([1, 2], "float16")
+    a = artifacts.run_dir(cfg, data, spec, use, 0)
     other = load_config(None, ["train.epochs=3"])
     other = dataclasses.replace(cfg, train=other.train)
-    assert artifacts.run_dir(other, data, spec, True, 0) != a
-    assert artifacts.run_dir(cfg, data, spec, True, 1).parent == a.parent  # only the seed differs
+    assert artifacts.run_dir(other, data, spec, use, 0) != a
+    assert artifacts.run_dir(cfg, data, spec, artifacts.teacher_use([1, 3], "float16"), 0) != a
+    assert artifacts.run_dir(cfg, data, spec, use, 1).parent == a.parent  # only the seed differs
 
 
 def test_same_dataset_name_other_content_gets_other_teacher(tmp_path):
@@ -168,7 +176,7 @@ def test_corrupt_cache_is_refused_then_rebuilt_by_stage1(tmp_path):
     good = prof.features.read_bytes()
     prof.features.write_bytes(good[: len(good) // 2])  # a half-written file (e.g. copied badly)
     with pytest.raises(CacheError, match="incomplete or corrupt"):
-        profile.ensure_features(cfg, data, [1, 2])
+        profile.ensure_features(cfg, data, [1, 2], data.train_indices)
     profile.run(cfg, data)
     with FeatureCache(prof.features) as cache:
         assert cache.n == len(data.train.labels)
@@ -190,7 +198,7 @@ def test_changed_teacher_invalidates_cache(tmp_path):
         cache.check({"teacher_sha256": new_sha}, rebuild_hint="make profile")
     # Stage 2 refuses the stale cache and names the field and the command that rebuilds it...
     with pytest.raises(CacheError, match="teacher_sha256.*make profile"):
-        profile.ensure_features(cfg, data, [1, 2])
+        profile.ensure_features(cfg, data, [1, 2], data.train_indices)
     # ...which rebuilds the features and the Q table for the new checkpoint.
     profile.run(cfg, data)
     with FeatureCache(prof.features) as cache:
@@ -289,7 +297,7 @@ def test_two_processes_share_one_teacher(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], logs
     text = "\n".join(logs)
     assert text.count("teacher resnet18: training") == 1 and text.count("skipping training") >= 1
-    assert text.count("extracted") == 1  # the Q-subset extraction ran once
+    assert text.count("step quality_subset_a") == 1  # S/I/E/Q ran once
     data = load_data(cfg.dataset)
     assert len(pd.read_csv(artifacts.teacher_dir(cfg, data) / "metrics.csv")) == 1
 

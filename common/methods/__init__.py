@@ -1,7 +1,7 @@
 """Distillation methods (METHOD 8, 9): presets, resolution of a config, and the Distiller factory.
 
     spec = resolve_method(cfg.method)               # preset + overrides, validated
-    # the caller resolves spec.teacher_layers ("selected" by spec.criterion / "baseline") and
+    # the caller resolves spec.teacher_layers (a word, through stage 1's manifest) and
     # spec.student_layers ("baseline") to indices, then:
     distiller = build_distiller(spec, student, num_classes=..., input_shape=..., teacher_layers=[...],
                                 student_layers=[...], teacher_shapes={...}, teacher=..., batch_size=...)
@@ -24,7 +24,6 @@ from common.errors import ConfigError
 from common.layers import generalized_layers, layer_table, resolve_layers
 from common.methods import ce, feature, kd, semckd, simkd, sp  # noqa: F401  (registers the presets)
 from common.methods.base import (
-    CRITERIA,
     FEATURE_LOSSES,
     MAPPINGS,
     METHODS,
@@ -39,7 +38,7 @@ from common.methods.base import (
 from common.methods.projectors import PROJECTORS
 
 __all__ = [
-    "CRITERIA", "FEATURE_LOSSES", "MAPPINGS", "METHODS", "PROJECTORS", "Distiller", "MethodPreset",
+    "FEATURE_LOSSES", "MAPPINGS", "METHODS", "PROJECTORS", "Distiller", "MethodPreset",
     "MethodSpec", "build_distiller", "resolve_method",
 ]
 

@@ -18,13 +18,16 @@ from torch import nn
 from common.errors import ConfigError
 from common.layers import forward_with_features
 from common.losses import kd_loss
+from common.quality import CRITERIA
 from common.methods.projectors import PROJECTORS
 from common.registry import Registry
 
 Shape = tuple[int, ...]
 
-CRITERIA = ("Q", "S", "I", "E", "sqrtIE")  # profile columns that can pick "selected" layers (METHOD 0.4)
-TEACHER_LAYER_WORDS = ("selected", "baseline")
+# "selected": stage 1's selection; a criterion: the profile's top-k by it; "baseline": the
+# teacher's baseline list (METHOD 7). Stage 2 turns a word into indices with
+# common.profile.Manifest.teacher_layers.
+TEACHER_LAYER_WORDS = ("selected", "baseline", *CRITERIA)
 STUDENT_LAYER_WORDS = ("baseline",)
 
 
@@ -39,8 +42,7 @@ class MethodSpec:
     kd_standardize: bool  # logit standardisation (METHOD 8.4)
     feature_loss: str  # none | mse | sp | semckd
     feature_weight: float
-    teacher_layers: str | tuple[int, ...]  # "selected" | "baseline" | explicit; () without a feature loss
-    criterion: str  # profile column that picks "selected": Q | S | I | E | sqrtIE
+    teacher_layers: str | tuple[int, ...]  # a word of TEACHER_LAYER_WORDS | explicit; () without a feature loss
     student_layers: str | tuple[int, ...]  # "baseline" | explicit; () without a feature loss
     mapping: str  # one2one | full
     projector: str  # conv1x1 | three_layer | none
@@ -131,7 +133,6 @@ def validate_spec(spec: MethodSpec) -> None:
     _check_choice("feature_loss", spec.feature_loss, FEATURE_LOSSES.names())
     _check_choice("mapping", spec.mapping, sorted(MAPPINGS))
     _check_choice("projector", spec.projector, PROJECTORS.names())
-    _check_choice("criterion", spec.criterion, CRITERIA)
     if spec.feature_loss == "none":
         for key in ("teacher_layers", "student_layers"):
             if getattr(spec, key) != ():
@@ -263,7 +264,7 @@ def register_method(distiller: type[Distiller] = Distiller, **fields_: object) -
 # Defaults shared by the presets; each preset states only what differs (METHOD 9 catalogue).
 NO_FEATURES: dict[str, object] = dict(
     ce_weight=1.0, kd_weight=0.0, kd_temperature=4.0, kd_standardize=False, feature_loss="none",
-    feature_weight=0.0, teacher_layers=(), criterion="Q", student_layers=(), mapping="one2one",
+    feature_weight=0.0, teacher_layers=(), student_layers=(), mapping="one2one",
     projector="none", detach_head=False, teacher_head=False,
 )
 FEATURE_BASE: dict[str, object] = dict(

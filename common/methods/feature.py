@@ -51,9 +51,11 @@ register_method(**{**FEATURE_BASE, "name": "fitnet_nokd"})
 register_method(**{**FEATURE_BASE, **KD_T4, "name": "fitnet_fc", "mapping": "full"})
 register_method(**{**FEATURE_BASE, "name": "stl_seplin", "detach_head": True})
 
-OURS = {**FEATURE_BASE, "name": "ours", "teacher_layers": "selected", "criterion": "Q", "detach_head": True}
+# "selected": stage 1's selection (profile.criterion, Q by default, or profile.layers); the
+# ablations name their criterion and take its top-k from the same profile (METHOD 9 "Ours-*").
+OURS = {**FEATURE_BASE, "name": "ours", "teacher_layers": "selected", "detach_head": True}
 register_method(**OURS)
 register_method(**{**OURS, "name": "ours+ce", "detach_head": False})
 register_method(**{**OURS, **KD_T4, "name": "ours+ce+kd", "detach_head": False})
 for _suffix, _criterion in {"s": "S", "i": "I", "e": "E", "sqrtie": "sqrtIE"}.items():
-    register_method(**{**OURS, "name": f"ours_{_suffix}", "criterion": _criterion})
+    register_method(**{**OURS, "name": f"ours_{_suffix}", "teacher_layers": _criterion})
