@@ -276,8 +276,13 @@ def _ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_s
             _write_activations(cfg, data, teacher, teacher_sha, qdir, subset_a, list(shapes), device)
         labels = data.train.labels
         n_train = len(labels)  # METHOD 6.5: the full training-set size in K, even for a smaller pool
-        tic = time.perf_counter()
         steps = iter(["quality_subset_a", "quality_subset_b"])
+        clock = [time.perf_counter()]
+
+        def step_done() -> None:
+            _step(next(steps), clock[0])
+            clock[0] = time.perf_counter()
+
         records = stream_layer_stats(
             _teacher_features(teacher, data, device),
             shapes,
@@ -285,7 +290,7 @@ def _ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_s
             device=device,
             budget_bytes=cfg.profile.memory_budget_mb << 20,
             batch_size=cfg.profile.batch_size,
-            on_step=lambda: _step(next(steps), tic),
+            on_step=step_done,
         )
         for i, stats in records.items():
             log.info("profile: layer %2d  S %.4f  I %.4f  E %.4f  Q %.4f", i, stats["S"], stats["I"], stats["E"], stats["Q"])
