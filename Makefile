@@ -19,10 +19,10 @@ COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
-.PHONY: setup test demo teacher profile layers distill report bench clean-demo help
+.PHONY: setup test demo teacher profile layers distill report bench bench-profile bench-quality clean-demo help
 
 help:
-	@sed -n '1,5p' Makefile; echo; echo "targets: setup test demo teacher profile layers distill report bench"
+	@sed -n '1,5p' Makefile; echo; echo "targets: setup test demo teacher profile layers distill report bench bench-profile bench-quality"
 
 setup:
 	@bash .ci/setup.sh
@@ -56,3 +56,13 @@ demo: setup
 
 bench: setup
 	$(PY) bench/bench_epoch.py
+
+# Stage 1 at CIFAR-100 scale (generated pickles): peak RSS and bytes written per step. The
+# full-width teacher takes about an hour on 2 CPU cores; BENCH_WIDTHS="0.25" is minutes.
+BENCH_WIDTHS ?= 0.25 1.0
+bench-profile: setup
+	$(PY) bench/bench_profile_scale.py --widths $(BENCH_WIDTHS) --n-train 50000 --classes 100
+
+# S/I/E/Q of one layer against its floor (one float32 N x D by D x N matmul), D = 512 to 65 536.
+bench-quality: setup
+	$(PY) bench/bench_quality.py

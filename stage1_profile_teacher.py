@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Stage 1: train (if needed) and profile a teacher: generalized layers, S/I/E/Q per layer,
-top-k selection, and the HDF5 feature cache that stage 2 distils from.
+"""Stage 1: train (if needed) and profile a teacher: generalized layers, S/I/E/Q per layer
+(streamed, memory bounded by profile.memory_budget_mb), top-k selection, the manifest
+profile.yaml that stage 2 reads, and the HDF5 feature cache that stage 2 distils from.
 
 Examples:
   python stage1_profile_teacher.py --config configs/demo.yaml
@@ -34,7 +35,8 @@ def body() -> int:
     cols = ["layer", "module", "shape", "S", "I", "E", "Q", "selected"]
     print(profile.quality[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"selected teacher layers: {profile.selected}")
-    print(f"profile: {profile.dir}")
+    print(f"profile: {profile.dir / 'profile.yaml'}")
+    print(f"feature cache: {profile.features}")
     return 0
 
 

@@ -7,10 +7,11 @@ stage 2 reads mini-batch rows of it every step for many epochs.
 File format: one flat HDF5 dataset of shape (n, *shape) per name, attributes `meta` (a JSON
 string: whatever keys the caller passes, checked by `FeatureCache.check`), `n`, `format_version`
 and `complete` (set last, so a file without it is never trusted). A cache of some rows of the
-training split (the students' training subset) has a dataset `positions`: the sorted
-training-split position of each row. Readers then address rows by training-split position
-(`gather`, `load`), and asking for a position the file does not hold is a CacheError, never a
-wrong row.
+training split (the students' training subset) has a dataset `positions`: the
+training-split position of each row. Rows are stored in a seeded random order of positions
+(`storage_order`), so that contiguous disk blocks mix classes even when the dataset is stored
+class by class (Tiny ImageNet). Readers address rows by training-split position (`gather`,
+`load`), and asking for a position the file does not hold is a CacheError, never a wrong row.
 
 Read path, measured by `bench/bench_cache_read.py`: datasets are stored *contiguous* (not
 chunked) because HDF5 point selections on chunked datasets cost tens of ms per 128-row batch
@@ -257,6 +258,8 @@ class FeatureCache:
         self.positions: torch.Tensor | None = None
         if POSITIONS in self.names:
             self.positions = torch.from_numpy(self._file[POSITIONS][:].astype(np.int64))
+            # rows may be stored in any order (stage 1 shuffles them): look positions up sorted
+            self._sorted_positions, self._row_of_sorted = torch.sort(self.positions)
 
     def __enter__(self) -> FeatureCache:
         return self
@@ -311,8 +314,9 @@ class FeatureCache:
             rows = torch.zeros_like(index)
             absent = torch.ones_like(index, dtype=torch.bool)
         else:
-            rows = torch.searchsorted(self.positions, index).clamp_(max=len(self.positions) - 1)
-            absent = self.positions[rows] != index
+            where = torch.searchsorted(self._sorted_positions, index).clamp_(max=len(self.positions) - 1)
+            absent = self._sorted_positions[where] != index
+            rows = self._row_of_sorted[where]
         if bool(absent.any()):
             raise CacheError(
                 f"{self.path} holds no row for training position {int(index[absent][0])} "
@@ -395,20 +399,32 @@ class FeatureCache:
         return rows[inverse.reshape(-1)]
 
 
+def storage_order(positions: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The order stage 1 stores cache rows in: a seeded random permutation of `positions`.
+
+    Disk-block batches (`epoch_batches` with a block size) then mix classes whatever order the
+    dataset itself is stored in; a class-sorted split would otherwise give batches of 1-2 classes.
+    """
+    return positions[torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed))]
+
+
 def epoch_batches(
     indices: torch.Tensor,
     batch_size: int,
     generator: torch.Generator,
     *,
     block_size: int | None = None,
+    file_rows: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """One epoch's mini-batches of `indices` (positions in the cached split), drop_last (METHOD 2.4).
 
-    block_size None: a random permutation cut into batches. Otherwise the sorted indices are cut
-    into contiguous blocks of block_size (the remainder joins the last block, so every block
-    holds >= batch_size indices and a batch spans at most two blocks), the block order and the
-    order inside each block are shuffled, and the stream is cut into batches: each batch reads
-    from one or two contiguous regions of the file. Deterministic given `generator`.
+    block_size None: a random permutation cut into batches. Otherwise the indices, in the order
+    of their rows in the file (`file_rows`, the row of each index; default: the indices
+    themselves), are cut into contiguous blocks of block_size (the remainder joins the last
+    block, so every block holds >= batch_size indices and a batch spans at most two blocks), the
+    block order and the order inside each block are shuffled, and the stream is cut into
+    batches: each batch reads from one or two contiguous regions of the file. Deterministic
+    given `generator`.
     """
     indices = indices.reshape(-1).long()
     if len(indices) < batch_size:
@@ -420,7 +436,8 @@ def epoch_batches(
     else:
         if block_size < batch_size:
             raise ConfigError(f"cache block size {block_size} is below batch size {batch_size}; raise the block size")
-        ordered = indices.sort().values
+        key = indices if file_rows is None else file_rows.reshape(-1).long()
+        ordered = indices[torch.argsort(key, stable=True)]
         bounds = list(range(0, len(ordered) - block_size + 1, block_size))[1:] + [len(ordered)]
         starts = [0] + bounds[:-1]
         blocks = [ordered[s:e] for s, e in zip(starts, bounds)]

@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from common import artifacts
-from common.cache import POSITIONS, FeatureCache, write_h5
+from common.cache import POSITIONS, FeatureCache, storage_order, write_h5
 from common.config import Config, to_dict
 from common.data import Data, load_data
 from common.errors import CacheError, ConfigError, DataError
@@ -300,7 +300,7 @@ def _ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_s
         atomic_write_yaml(
             qdir / "layer_stats.meta.yaml",
             {"teacher_sha256": teacher_sha, "stats_version": STATS_VERSION, "n_subset_a": len(subset_a), "n_subset_b": len(subset_b),
-             "pool_size": len(analysis_pool(cfg, data)), "n_train": n_train},
+             "n_pool": len(analysis_pool(cfg, data)), "n_train": n_train},
         )
     return quality
 
@@ -392,7 +392,7 @@ def _write_manifest(
         "teacher": {"name": cfg.teacher.name, "id": artifacts.teacher_id(cfg, data), "sha256": teacher_sha},
         "dataset": {"name": cfg.dataset.name, "fingerprint": data.fingerprint, "n_train": len(data.train.labels)},
         "quality": {"dir": f"../{artifacts.quality_dir(cfg, data).name}", **artifacts.quality_key(cfg),
-                    **{k: subset_meta.get(k) for k in ("n_subset_a", "n_subset_b", "pool_size")}},
+                    **{k: subset_meta.get(k) for k in ("n_pool", "n_subset_a", "n_subset_b")}},
         "layers": layers,
         "top_k": top_k,
         "selection": {"criterion": cfg.profile.criterion, "how": how, "layers": selected},
@@ -456,13 +456,15 @@ def _ensure_features(
             "layers": all_layers,
             "shapes": {str(i): list(all_shapes[i]) for i in all_layers},
             "preprocessing": {"mean": data.mean.tolist(), "std": data.std.tolist(), "image_size": data.image_size},
-            "sample_order": "rows sorted by training-split position (dataset 'positions')",
+            "sample_order": "seeded random order of training-split positions (dataset 'positions')",
             "code_version": code_version(),
         }
         with_logits = not extend_only  # logits, labels and positions come with every full build
         if with_logits:
             shapes.update(logits=(data.num_classes,), labels=(), **{POSITIONS: ()})
             dtypes.update(logits="float32", labels="int64", **{POSITIONS: "int64"})
+        if not extend_only:  # a new file stores its rows shuffled (disk blocks then mix classes)
+            positions = storage_order(positions)
         tic = time.perf_counter()
         write_h5(
             path,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from common import artifacts
-from common.cache import FeatureCache
+from common.cache import FeatureCache, epoch_batches
 from common.config import Config, MethodConfig, to_dict
 from common.data import Data
 from common.errors import CacheError
@@ -123,10 +123,11 @@ def checkpoint_sha(cfg: Config, data: Data) -> str:
 class LiveTeacher:
     """Teacher features/logits from an eval-mode forward on the (augmented) batch."""
 
-    uses_disk_blocks = False
-
     def __init__(self, teacher: nn.Module, layers: list[int], logits: bool) -> None:
         self.teacher, self.layers, self.logits = teacher.eval(), layers, logits
+
+    def batch_order(self, indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+        return epoch_batches(indices, batch_size, generator)
 
     @torch.no_grad()
     def batch(self, indices: torch.Tensor, images: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
@@ -138,7 +139,9 @@ class LiveTeacher:
 
 
 class CachedTeacher:
-    """Teacher features/logits gathered from features.h5 by sample index (no teacher forward)."""
+    """Teacher features/logits gathered from the feature cache by sample index (no teacher forward)."""
+
+    block_size = 4096  # rows per contiguous disk block when the cache does not fit in RAM
 
     def __init__(
         self, cache: FeatureCache, layers: list[int], logits: bool, device: torch.device, max_ram_bytes: int, rows: torch.Tensor | None = None
@@ -147,7 +150,13 @@ class CachedTeacher:
         names = [layer_name(i) for i in layers] + (["logits"] if logits else [])
         # In RAM (only the training rows) when it fits; otherwise batches are block-shuffled so
         # each reads one or two contiguous disk regions.
-        self.uses_disk_blocks = not cache.load(names, max_ram_bytes, rows=rows)
+        self.from_disk = not cache.load(names, max_ram_bytes, rows=rows)
+
+    def batch_order(self, indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """Random batches from RAM; from disk, shuffled blocks of contiguous file rows."""
+        if not self.from_disk:
+            return epoch_batches(indices, batch_size, generator)
+        return epoch_batches(indices, batch_size, generator, block_size=self.block_size, file_rows=self.cache.rows_of(indices))
 
     def batch(self, indices: torch.Tensor, images: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         feats = {i: self.cache.gather(layer_name(i), indices).to(self.device, non_blocking=True) for i in self.layers}

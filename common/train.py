@@ -37,7 +37,9 @@ METRICS = "metrics.csv"
 class TeacherSource(Protocol):
     """Teacher knowledge for one batch: ({layer: feature}, logits or None)."""
 
-    uses_disk_blocks: bool  # True when reads come from disk: batches are then block-shuffled
+    def batch_order(self, indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """One epoch's batches of `indices` in the order this source reads best (drop_last)."""
+        ...
 
     def batch(self, indices: torch.Tensor, images: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         ...
@@ -156,8 +158,10 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs + 1):
         # Per-epoch generators make a resumed run draw the same batches as an uninterrupted one.
         order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        block = 4096 if teacher is not None and teacher.uses_disk_blocks else None
-        batches = epoch_batches(train_indices, cfg.batch_size, order_gen, block_size=block)
+        if teacher is not None:
+            batches = teacher.batch_order(train_indices, cfg.batch_size, order_gen)
+        else:
+            batches = epoch_batches(train_indices, cfg.batch_size, order_gen)
         model.train()
         sums: dict[str, torch.Tensor] = {}
         correct: torch.Tensor | int = 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.cache import FeatureCache, epoch_batches, write_h5
+from common.cache import FeatureCache, epoch_batches, storage_order, write_h5
 from common.errors import CacheError, ConfigError
 
 N = 50
@@ -297,3 +297,54 @@ def test_load_only_some_rows(tmp_path):
         assert torch.equal(cache.gather("x", torch.tensor([7, 40, 3, 7])), data[[7, 40, 3, 7]])
         with pytest.raises(IndexError, match="not loaded"):
             cache.gather("x", torch.tensor([5]))
+
+
+def _write_with_positions(path: Path, positions: np.ndarray) -> dict[str, np.ndarray]:
+    data = {**make_data(), "positions": positions.astype(np.int64)}
+    write_h5(path, META, N, {**SHAPES, "positions": ()}, {**DTYPES, "positions": "int64"}, batches_of(data))
+    return data
+
+
+@pytest.mark.parametrize("in_ram", [False, True])
+def test_a_cache_of_some_rows_is_addressed_by_training_position(tmp_path: Path, in_ram: bool) -> None:
+    positions = np.sort(np.random.default_rng(1).choice(1000, N, replace=False))
+    data, path = _write_with_positions(tmp_path / "f.h5", positions), tmp_path / "f.h5"
+    with FeatureCache(path) as cache:
+        assert torch.equal(cache.positions, torch.from_numpy(positions))
+        if in_ram:  # only some of the rows, by position
+            assert cache.load(["logits"], 1 << 30, rows=torch.from_numpy(positions[::2]))
+        asked = torch.from_numpy(positions[[8, 2, 2, 40]])
+        np.testing.assert_array_equal(cache.gather("logits", asked).numpy(), data["logits"][[8, 2, 2, 40]])
+        absent = int(np.setdiff1d(np.arange(1000), positions)[0])
+        assert cache.covers(torch.from_numpy(positions)) and not cache.covers(torch.tensor([absent]))
+        with pytest.raises(CacheError, match=f"no row for training position {absent}"):
+            cache.gather("labels", torch.tensor([int(positions[0]), absent]))
+
+
+def test_disk_batches_mix_classes_even_when_the_split_is_stored_class_by_class(tmp_path: Path) -> None:
+    """Tiny ImageNet stores its training images class by class: position // 200 is the class here.
+    Rows stored in `storage_order` make disk-block batches as mixed as random ones."""
+    from common.teacher import CachedTeacher
+
+    n, classes, batch = 2000, 10, 32
+    positions = storage_order(torch.arange(n))
+    labels = positions // (n // classes)
+    path = tmp_path / "c.h5"
+    write_h5(path, {}, n, {"positions": (), "layer_0": ()}, {"positions": "int64", "layer_0": "float32"},
+             [{"positions": positions, "layer_0": labels.float()}])
+    with FeatureCache(path) as cache:
+        source = CachedTeacher(cache, [0], False, torch.device("cpu"), max_ram_bytes=0)
+        source.block_size = 128
+        assert source.from_disk
+        batches = source.batch_order(torch.arange(n), batch, torch.Generator().manual_seed(0))
+        mixed = sum(len(set((b // (n // classes)).tolist())) for b in batches) / len(batches)
+        feats, _ = source.batch(batches[0], torch.empty(0))
+        assert torch.equal(feats[0], (batches[0] // (n // classes)).float())  # the rows asked for
+        rows = cache.rows_of(torch.cat(batches))
+        last = n // 128 - 1  # the remainder joins the last block
+        blocks = [len(set((r // 128).clamp(max=last).tolist())) for r in rows.split(batch)]
+    # the old layout (rows sorted by position) read blocks of 128 consecutive positions: <= 2 classes
+    sorted_order = epoch_batches(torch.arange(n), batch, torch.Generator().manual_seed(0), block_size=128)
+    clumped = sum(len(set((b // (n // classes)).tolist())) for b in sorted_order) / len(sorted_order)
+    assert clumped <= 2.0 and mixed >= 8.0  # 32 draws of 10 classes give ~9.7 distinct on average
+    assert max(blocks) <= 2  # each batch still reads at most two contiguous regions of the file

@@ -74,7 +74,8 @@ def test_feature_cache_holds_the_training_rows_and_grows_on_demand(workspace):
     path = profile.features_path(cfg, data)
     rows60 = data.training_subset(60, cfg.dataset.split_seed)
     with FeatureCache(path) as cache:
-        assert torch.equal(cache.positions, rows60)
+        assert torch.equal(cache.positions.sort().values, rows60)
+        assert not torch.equal(cache.positions, rows60)  # stored shuffled (disk blocks mix classes)
         outside = next(i for i in range(len(data.train.labels)) if i not in set(rows60.tolist()))
         with pytest.raises(CacheError, match=f"no row for training position {outside}"):
             cache.gather("labels", torch.tensor([outside]))
@@ -88,3 +89,15 @@ def test_feature_cache_holds_the_training_rows_and_grows_on_demand(workspace):
         assert cache.covers(rows120) and cache.covers(rows60)
         torch.testing.assert_close(cache.gather("logits", rows60), old)
         assert {1, 2} <= set(cache.meta["layers"])
+
+
+def test_activations_are_written_only_on_request_and_hold_subset_a(workspace):
+    tmp, base, cfg, data = workspace
+    profile.run(cfg, data)
+    assert not (artifacts.quality_dir(cfg, data) / "activations.h5").exists()
+    kept = tiny_config(tmp, *base, "profile.keep_activations=true", "profile.seed=1")
+    profile.run(kept, data)
+    subset_a, _ = profile.q_subsets(kept, data)
+    with FeatureCache(artifacts.quality_dir(kept, data) / "activations.h5") as acts:
+        assert torch.equal(acts.positions, subset_a) and len(acts.meta["layers"]) == 10
+        assert acts.shape("layer_0") == tuple(profile.layer_shapes(kept, data)[0])

@@ -1,27 +1,12 @@
 """Streaming S/I/E/Q (common/quality_stream.py) equals `layer_stats` on the same subsets."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from common.quality import layer_stats
 from common.quality_stream import flat_dim, plan_subset_a, plan_subset_b, stream_layer_stats
-
-STAT_KEYS = ("S", "I", "E", "Q", "sqrtIE", "AvgIntra", "AvgInter", "AvgMinIntra", "AvgNorm", "AvgMinInterDist", "SVDE", "T", "PCAGID", "K", "D")
-GOLDEN_DIR = Path(__file__).parent / "golden"
-
-
-def _golden_module():
-    spec = importlib.util.spec_from_file_location("make_quality_golden", GOLDEN_DIR / "make_quality_golden.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-GEN = _golden_module()
+from tests.test_quality import GEN, STAT_KEYS
 
 
 class PoolSource:
