@@ -44,7 +44,7 @@ MAX_DIMENSION = 262_144  # `iMaxDimension` of the reference (METHOD 6.3)
 VARIANCE_THRESHOLD = 0.95  # per-class 95 % dimension (METHOD 6.5)
 ENTROPY_NORMALISER = math.log(5)  # hard-coded ln 5 (METHOD 6.5, item 12.8)
 
-_CHUNK_ELEMENTS = 1 << 25  # float64 elements per temporary chunk (256 MiB)
+_CHUNK_ELEMENTS = 1 << 24  # float64 elements per temporary chunk (128 MiB)
 _ROW_BLOCK = 1024  # row block of the Gram; lower-triangle blocks only
 _MAX_CANDIDATES = 4096  # per class; more only for massive exact ties (then: the smallest by bound)
 _UNIT_ROUNDOFF = 2.0 ** -53
@@ -157,28 +157,26 @@ def _row_blocks(n: int) -> list[slice]:
 
 
 def gram_matrix(x: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
-    """G = X X^T and the squared row norms of X [n, D], in float64 on `device`."""
+    """G = X X^T and the squared row norms of X [n, D] (G's diagonal), in float64 on `device`."""
     n = x.shape[0]
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
-    sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
-    accumulate_gram(gram, sq_norms, x)
+    accumulate_gram(gram, x)
     symmetrize_gram(gram)
-    return gram, sq_norms
+    return gram, gram.diagonal().clone()
 
 
-def accumulate_gram(gram: Tensor, sq_norms: Tensor, x: Tensor) -> None:
-    """gram += X X^T (lower block triangle only) and sq_norms += row norms^2, for X [n, d] in place.
+def accumulate_gram(gram: Tensor, x: Tensor) -> None:
+    """gram += X X^T for X [n, d], in place, lower block triangle (diagonal blocks included) only.
 
-    Accumulated over feature chunks (each input element is converted to float64 once), so the
-    Gram of a wide layer can also be summed over column slices held at different times (the
-    streaming profile). Call `symmetrize_gram` after the last slice.
+    Accumulated over feature chunks (each input element is converted to float64 once, one
+    chunk alive at a time), so the Gram of a wide layer can also be summed over column slices
+    held at different times (the streaming profile). Call `symmetrize_gram` after the last slice.
     """
     n, dim = x.shape
     blocks = _row_blocks(n)
     cols = max(1, _CHUNK_ELEMENTS // max(n, 1))
     for f0 in range(0, dim, cols):
         chunk = x[:, f0 : f0 + cols].to(device=gram.device, dtype=torch.float64)
-        sq_norms += chunk.square().sum(1)
         for i, rows in enumerate(blocks):
             for other in blocks[: i + 1]:
                 gram[rows, other].addmm_(chunk[rows], chunk[other].T)

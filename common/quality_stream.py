@@ -140,38 +140,48 @@ def geometry_of_subset_a(
     positions, labels = positions[order], labels[order]
     n_a = len(positions)
     out: dict[int, dict[str, float]] = {}
-    grams: dict[int, tuple[Tensor, Tensor]] = {}
+    grams: dict[int, Tensor] = {}
     for slices in plan_subset_a(dims, n_a, budget_bytes):
-        layers = sorted({s.layer for s in slices})
-        held: dict[Slice, Tensor] = {}
-        row = 0
-        for batch in _batches(positions, batch_size):
-            feats = _flat(source(batch, layers))
-            for s in slices:
-                if s not in held:  # allocated at the first batch, in the features' dtype
-                    held[s] = torch.empty(n_a, s.stop - s.start, dtype=feats[s.layer].dtype, device=device)
-                held[s][row : row + len(batch)] = feats[s.layer][:, s.start : s.stop]
-            row += len(batch)
+        held = _hold_subset_a(source, slices, positions, device, batch_size)
         for s in slices:
-            if s.layer not in grams:
-                grams[s.layer] = (
-                    torch.zeros(n_a, n_a, dtype=torch.float64, device=device),
-                    torch.zeros(n_a, dtype=torch.float64, device=device),
-                )
-            gram, sq = grams[s.layer]
-            accumulate_gram(gram, sq, held[s])
-            if s.stop < s.dim:
-                del held[s]
-                continue
-            symmetrize_gram(gram)
-            if s.whole:
-                resolve = _resolve_from(held[s], device)
-            else:  # the layer's rows never were in memory at once: recompute the few needed
-                resolve = _resolve_by_forward(source, positions, s.layer, device, batch_size)
-            out[s.layer] = geometry_from_gram(gram, sq, labels, s.dim, resolve)
-            del grams[s.layer], held[s]
-        del held
+            if s.layer not in grams:  # no local name: a finished Gram must not outlive its layer
+                grams[s.layer] = torch.zeros(n_a, n_a, dtype=torch.float64, device=device)
+            accumulate_gram(grams[s.layer], held[s])
+            if s.stop == s.dim:  # the layer's last slice: its Gram is complete
+                out[s.layer] = _finish_layer(source, grams.pop(s.layer), held[s] if s.whole else None, positions, labels, s, device, batch_size)
+            del held[s]  # each buffer is freed as soon as it is used: the next pass starts empty
     return out
+
+
+def _hold_subset_a(
+    source: FeatureSource, slices: list[Slice], positions: Tensor, device: torch.device, batch_size: int
+) -> dict[Slice, Tensor]:
+    """One pass over subset A: each slice's columns of every row, in the features' dtype."""
+    layers = sorted({s.layer for s in slices})
+    held: dict[Slice, Tensor] = {}
+    row = 0
+    for batch in _batches(positions, batch_size):
+        feats = _flat(source(batch, layers))
+        for s in slices:
+            if s not in held:  # allocated at the first batch, in the features' dtype
+                held[s] = torch.empty(len(positions), s.stop - s.start, dtype=feats[s.layer].dtype, device=device)
+            held[s][row : row + len(batch)] = feats[s.layer][:, s.start : s.stop]
+        row += len(batch)
+    return held
+
+
+def _finish_layer(
+    source: FeatureSource, gram: Tensor, whole: Tensor | None, positions: Tensor, labels: Tensor, s: Slice,
+    device: torch.device, batch_size: int,
+) -> dict[str, float]:
+    """Statistics 4 and 6 from a complete Gram; the re-check reads `whole` (the layer's every
+    column) or, for a layer held in slices, recomputes its few rows with the source."""
+    symmetrize_gram(gram)
+    if whole is not None:
+        resolve = _resolve_from(whole, device)
+    else:
+        resolve = _resolve_by_forward(source, positions, s.layer, device, batch_size)
+    return geometry_from_gram(gram, gram.diagonal().clone(), labels, s.dim, resolve)
 
 
 def _resolve_from(x: Tensor, device: torch.device) -> Callable[[list[tuple[Tensor, Tensor]]], list[float]]:
