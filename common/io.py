@@ -6,7 +6,9 @@ so a run killed half-way leaves the old artifact or none, never a broken one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import functools
 import hashlib
 import os
 import platform
@@ -81,6 +83,27 @@ def io_written_mb() -> float:
         return int(fields["write_bytes"]) / 2**20
     except (OSError, KeyError, ValueError):
         return 0.0
+
+
+def release_free_memory() -> None:
+    """Hand memory that is free inside the process back to the system (glibc's malloc_trim).
+
+    Streaming loops allocate and free many 1-32 MB tensors; glibc keeps the freed ones in its
+    heap, fragmented, so the resident size grows with every class or pass although live data
+    does not (measured on a full-width ResNet34 profile: 4.3 GB resident, 1.8 GB after a trim).
+    A no-op where glibc is absent.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

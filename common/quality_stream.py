@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from common.io import release_free_memory
+
 from common.quality import (
     accumulate_gram,
     class_spectrum,
@@ -150,6 +152,7 @@ def geometry_of_subset_a(
             if s.stop == s.dim:  # the layer's last slice: its Gram is complete
                 out[s.layer] = _finish_layer(source, grams.pop(s.layer), held[s] if s.whole else None, positions, labels, s, device, batch_size)
             del held[s]  # each buffer is freed as soon as it is used: the next pass starts empty
+        release_free_memory()
     return out
 
 
@@ -224,7 +227,8 @@ def spectra_of_subset_b(
             for layer in layers:
                 z = torch.cat([p[layer] for p in parts])
                 spectra[layer].append(class_spectrum(z, device))
-            del parts
+            del parts, z
+            release_free_memory()  # else the heap keeps every class's freed batches, fragmented
     return {layer: explained_variance_rows(s2) for layer, s2 in spectra.items()}
 
 
