@@ -17,17 +17,18 @@ def body() -> int:
     p = cli.parser(__doc__)
     p.add_argument("--list-layers", action="store_true", help="print the teacher's generalized layers (index, module, shape, bytes) and exit")
     p.add_argument("--train-only", action="store_true", help="only train the teacher (make teacher)")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     cfg = cli.build_config(args, {})
 
+    from common.checks import load_checked
     from common.data import load_data
     from common.profile import list_layers, run
     from common.teacher import ensure_teacher
 
-    data = load_data(cfg.dataset)
-    if args.list_layers:
-        print(list_layers(cfg, data).to_string(index=False))
+    if args.list_layers:  # writes nothing; the profile settings may be what the listing is for
+        print(list_layers(cfg, load_data(cfg.dataset)).to_string(index=False))
         return 0
+    data = load_checked(cfg)  # the whole config, before a teacher is built or a file written
     if args.train_only:
         print(ensure_teacher(cfg, data))
         return 0

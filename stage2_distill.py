@@ -5,7 +5,7 @@ Runs that finished are skipped, interrupted runs resume from their checkpoint. A
 or profile is built first (stage 1), under a lock, so shell loops over pairs can share one.
 
 Examples:
-  python stage2_distill.py --config configs/demo.yaml --method ours --seeds 0 1 2
+  python stage2_distill.py --config configs/demo.yaml --method ours --seeds "0 1 2"
   python stage2_distill.py --teacher resnet34 --student resnet9 --method kd train.epochs=5
 """
 from __future__ import annotations
@@ -22,17 +22,15 @@ def body() -> int:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue interrupted runs from their last epoch's checkpoint (the default)")
     mode.add_argument("--restart", action="store_true", help="discard the checkpoints of unfinished runs and train them from epoch 1")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     if args.list_methods:
         from common.methods import METHODS
 
         print("\n".join(METHODS.names()))
         return 0
-    cfg = cli.build_config(args, {"student": "student.name", "method": "method.name"})
-    if args.seeds is not None:
-        cfg.seeds = cli.parse_seeds([args.seeds])
+    cfg = cli.build_config(args, {"student": "student.name", "method": "method.name"})  # --seeds too
 
-    from common.distill import run
+    from common.distill import run  # checks the whole config before any work
 
     results = run(cfg, restart=args.restart)
     for r in results:

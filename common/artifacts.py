@@ -18,11 +18,14 @@ on how they were chosen (rhash).
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from common.config import Config, TrainConfig, short_hash
 from common.data import Data
+from common.errors import ConfigError
 
 # Settings that never change what a run produces.
 _RUNTIME_ONLY = ("progress", "device", "eval_batch_size", "teacher_source", "seed")
@@ -106,3 +109,33 @@ def pair_dir(cfg: Config) -> Path:
 def run_dir(cfg: Config, data: Data, method: dict[str, Any], teacher: dict[str, Any] | None, seed: int) -> Path:
     name = f"{method['name']}-{short_hash(run_key(cfg, data, method, teacher))}"
     return pair_dir(cfg) / name / f"seed{seed}"
+
+
+def check_writable(root: str | Path, what: str = "artifacts") -> None:
+    """Refuse, before any work, a `root` that cannot hold artifacts: a file where the directory
+    should be (or above it), or a directory this process cannot write to.
+
+    Nothing is created: a missing `root` is judged by its nearest existing ancestor, so a failed
+    check leaves no new directory. Writability is tried with a real (deleted) temporary file,
+    since `os.access` says yes to root on a read-only bind or /proc.
+    """
+    path = Path(root).expanduser()
+    existing = path
+    while not os.path.exists(existing) and existing != existing.parent:  # os.path: False, not an error, when unreadable
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"{what} path {path} {where}; pass {what}=DIR with a directory (or a path where one can be created)")
+    if not (os.access(existing, os.W_OK | os.X_OK) and _can_create_file(existing)):
+        shown = f"{path} is" if existing == path else f"{path} cannot be created: {existing} is"
+        raise ConfigError(f"{what} directory {shown} not writable; make it writable or pass {what}=DIR elsewhere")
+
+
+def _can_create_file(directory: Path) -> bool:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True

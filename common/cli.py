@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from common.config import Config, load_config
 from common.errors import UserError
@@ -12,8 +13,20 @@ from common.errors import UserError
 OVERRIDE_HELP = "config overrides as section.key=value, e.g. train.epochs=5 teacher.width=0.25 'seeds=[0,1,2]'"
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are `UserError`s, so a bad flag gives one `error:` line (exit 2) like
+    every other bad input, instead of a usage block. Stage scripts parse with
+    `parse_intermixed_args`, so overrides and flags mix in any order."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}; see {self.prog} --help")
+
+
+def parser(description: str) -> Parser:
+    p = Parser(description)
     p.add_argument("--config", default=None, help="YAML config (a short diff from the defaults in common/config.py)")
     p.add_argument("--dataset", default=None, help="dataset name (sets dataset.name), e.g. fashion_mnist, cifar10, cifar100, tiny_imagenet, image_folder")
     p.add_argument("--data-root", default=None, help="local dataset directory (sets dataset.root)")
@@ -29,8 +42,10 @@ def build_config(args: argparse.Namespace, flag_keys: dict[str, str]) -> Config:
     overrides = []
     for attr, key in {"dataset": "dataset.name", "data_root": "dataset.root", "teacher": "teacher.name", "artifacts": "artifacts", **flag_keys}.items():
         value = getattr(args, attr, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+        if value is not None:  # quoted: a flag's value is a string even when it looks like YAML ("yes", "1e3", "a: b")
+            overrides.append(f"{key}={json.dumps(value)}")
+    if getattr(args, "seeds", None) is not None:  # a flag like the others, so seeds are validated with the config
+        overrides.append(f"seeds={parse_seeds([args.seeds])}")
     overrides += list(args.overrides)
     if args.quiet:
         overrides += ["train.progress=false", "teacher_train.progress=false", "profile.progress=false"]
@@ -42,7 +57,7 @@ def parse_seeds(values: list[str]) -> list[int]:
     try:
         return [int(v) for v in " ".join(values).replace(",", " ").split()]
     except ValueError:
-        raise UserError(f"--seeds takes integers, got {' '.join(values)!r}") from None
+        raise UserError(f"--seeds takes integers, got {' '.join(values)!r}; e.g. --seeds \"0 1 2\" or --seeds 0,1,2") from None
 
 
 def main(body: Callable[[], int | None]) -> None:

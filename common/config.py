@@ -10,6 +10,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -74,7 +76,7 @@ class ProfileConfig:
     per_class_cap: int = 500  # subset B: min(cap, floor(n_pool / C)) per class
     seed: int = 0
     batch_size: int = 256
-    memory_budget_mb: int = 2048  # features + Grams S/I/E/Q may hold at once (RAM, or GPU memory on a GPU)
+    memory_budget_mb: int = 1536  # features + Grams S/I/E/Q may hold at once (RAM, or GPU memory on a GPU)
     keep_activations: bool = False  # also write subset A's features of every layer (activations.h5)
     cache_dtype: str = "float16"  # dtype of the feature cache (float16 | float32)
     device: str = "auto"
@@ -117,6 +119,26 @@ class Config:
 # ----------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent notation without a dot (1e-3, 1e6, 5E-4) as a float.
+
+    YAML 1.1, which PyYAML follows, types `1e-3` as a string, so `train.lr=1e-3` was refused as
+    "the wrong type"; people write learning rates this way, in files and on the command line.
+    """
+
+
+_Loader.add_implicit_resolver(  # copies SafeLoader's table first, so yaml.safe_load is unchanged
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text like yaml.safe_load, plus exponent floats without a dot (see _Loader)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- `section.key=value` overrides, validated."""
     data: dict[str, Any] = {}
@@ -125,24 +147,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; pass an existing YAML file, e.g. configs/default.yaml")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = load_yaml(path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"config file {path} is not valid YAML ({_yaml_problem(exc)}); fix the syntax there") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read ({type(exc).__name__}); pass a readable YAML text file") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
         data = loaded or {}
     for item in overrides or []:
         apply_override(data, item)
-    return from_dict(Config, data)
+    cfg = from_dict(Config, data)
+    validate_config(cfg)
+    return cfg
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """'<problem> at line L, column C' of a YAML error, on one line."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Set `a.b.c=value` in a nested dict; the value is parsed as YAML ("5" -> 5, "[1,2]" -> list)."""
     if "=" not in item:
-        raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=5")
+        # `--seeds 0 1 2` gives --seeds "0" and leaves "1", "2" here
+        seeds = '; several seeds go in one quoted argument: --seeds "0 1 2"' if item.strip().lstrip("-").isdigit() else ""
+        raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=5{seeds}")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_yaml(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")
@@ -193,7 +228,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(option, value, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"config key '{where}' has value {value!r} of the wrong type (expected {_type_name(tp)})")
+        raise ConfigError(f"config key '{where}' has value {value!r} of the wrong type; give {_type_name(tp)}")
     if tp is type(None):
         if value is None:
             return None
@@ -232,8 +267,105 @@ def _int_list(value: str, where: str) -> list[int]:
         raise ConfigError(f"config key '{where}' must be a list of integers, got {value!r}") from None
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null (empty)"}
+
+
 def _type_name(tp: Any) -> str:
-    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp)) or str(tp)
+    """How a person would name a value of type `tp` ("a number or null (empty)")."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return "a list of integers" if typing.get_args(tp) == (int,) else "a list"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return _TYPE_WORDS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+# ----------------------------------------------------------------------------- validation
+
+CACHE_DTYPES = ("float16", "float32")
+TEACHER_SOURCES = ("auto", "cache", "live")
+
+
+def validate_config(cfg: Config) -> None:
+    """Range checks of every section, whichever stage reads it, so that a bad value stops the
+    run before any teacher is trained or any file is written (types were checked on loading).
+
+    Checks that need a model or the data (layer counts, subset sizes, names) run in
+    common.checks; this function needs nothing but the config.
+    """
+    _check_dataset(cfg.dataset)
+    for where, model in (("teacher", cfg.teacher), ("student", cfg.student)):
+        _check_model(where, model)
+    for where, train in (("teacher_train", cfg.teacher_train), ("train", cfg.train)):
+        _check_train(where, train)
+    _check_profile(cfg.profile)
+    _require(len(cfg.seeds) > 0, "seeds is empty; give at least one integer seed, e.g. seeds=[0] or --seeds 0")
+    repeated = sorted({s for s in cfg.seeds if cfg.seeds.count(s) > 1})
+    _require(not repeated, f"seeds {cfg.seeds} lists seed {repeated[0] if repeated else ''} twice; list each seed once")
+    _require(cfg.artifacts.strip() != "", "artifacts is empty; give the directory artifacts go to, e.g. artifacts=artifacts")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive_int(where: str, value: int | None, hint: str = "", optional: bool = False) -> None:
+    """`where` must be an integer >= 1 (or None when `optional`)."""
+    if value is None and optional:
+        return
+    empty = " or leave it empty" if optional else ""
+    _require(value is not None and value >= 1, f"{where}={value} is not allowed; set it to an integer >= 1{empty}{hint}")
+
+
+def _finite(where: str, value: float, low: float, *, strict: bool, high: float | None = None, hint: str = "") -> None:
+    """`where` must be a finite number above `low` (or at least `low` unless `strict`), below `high` if given."""
+    ok = math.isfinite(value) and (value > low if strict else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"{'>' if strict else '>='} {low:g}" if high is None else f"between {low:g} and {high:g} (exclusive)"
+        raise ConfigError(f"{where}={value} is not allowed; set it to a number {bound}{hint}")
+
+
+def _check_dataset(d: DatasetConfig) -> None:
+    _require(d.name.strip() != "", "dataset.name is empty; give a dataset, e.g. dataset.name=fashion_mnist")
+    _require(d.root is None or d.root.strip() != "", "dataset.root is an empty string; give the dataset's directory or leave it unset for the default")
+    _positive_int("dataset.image_size", d.image_size, " (pixels; empty keeps the native size)", optional=True)
+    _require(d.val_size >= 0, f"dataset.val_size={d.val_size} is not allowed; set it to 0 (no validation split) or a number of images")
+
+
+def _check_model(where: str, m: ModelConfig) -> None:
+    _require(m.name.strip() != "", f"{where}.name is empty; give a model, e.g. {where}.name=resnet9")
+    _finite(f"{where}.width", m.width, 0.0, strict=True, hint=" (1.0 is the published width, 0.25 a quarter)")
+    _require(m.pretrained is None or m.pretrained.strip() != "", f"{where}.pretrained is an empty string; give a checkpoint file or null")
+
+
+def _check_train(where: str, t: TrainConfig) -> None:
+    _positive_int(f"{where}.epochs", t.epochs)
+    _positive_int(f"{where}.batch_size", t.batch_size)
+    _positive_int(f"{where}.eval_batch_size", t.eval_batch_size)
+    if t.lr is not None:
+        _finite(f"{where}.lr", t.lr, 0.0, strict=True, hint=", e.g. 0.01, or leave it empty for the model's reference LR")
+    _finite(f"{where}.weight_decay", t.weight_decay, 0.0, strict=False)
+    _finite(f"{where}.pct_start", t.pct_start, 0.0, strict=True, high=1.0, hint=", e.g. 0.3 (the share of steps that warm up)")
+    _finite(f"{where}.backbone_lr_mult", t.backbone_lr_mult, 0.0, strict=False)
+    _positive_int(f"{where}.train_subset", t.train_subset, " (a number of training images)", optional=True)
+    _require(t.device.strip() != "", f"{where}.device is empty; use auto, cpu, cuda or cuda:N")
+    _require(t.teacher_source in TEACHER_SOURCES, f"{where}.teacher_source is '{t.teacher_source}'; use one of {', '.join(TEACHER_SOURCES)}")
+    _require(
+        not (t.augment and t.teacher_source == "cache"),
+        f"{where}.augment=true needs the live teacher (cached features would be stale); set {where}.teacher_source=live or auto",
+    )
+
+
+def _check_profile(p: ProfileConfig) -> None:
+    _positive_int("profile.k", p.k, " (the number of teacher layers to select)")
+    _positive_int("profile.pool_size", p.pool_size, " (images; empty uses the whole training split)", optional=True)
+    _positive_int("profile.subset_size", p.subset_size)
+    _positive_int("profile.per_class_cap", p.per_class_cap)
+    _positive_int("profile.batch_size", p.batch_size)
+    _positive_int("profile.memory_budget_mb", p.memory_budget_mb, " (MiB that S/I/E/Q may hold, default 1536)")
+    _require(p.cache_dtype in CACHE_DTYPES, f"profile.cache_dtype is '{p.cache_dtype}'; use float16 or float32")
+    _require(p.device.strip() != "", "profile.device is empty; use auto, cpu, cuda or cuda:N")
 
 
 def _default_section(where: str) -> Any:

@@ -158,6 +158,8 @@ def load_data(cfg: DatasetConfig) -> Data:
     loaded = spec.load(root, cfg.image_size)
     train, test = loaded.train, loaded.test
     num_classes = len(loaded.class_names)
+    if num_classes < 2:  # nothing to classify, and S/I/E/Q compare classes (METHOD 6)
+        raise DataError(f"{spec.name}: only {num_classes} class ({', '.join(loaded.class_names)}) under {root}; a classification dataset needs at least 2 classes")
     _check_split(spec.name, "train", train, num_classes)
     _check_split(spec.name, "test", test, num_classes)
     if train.images.shape[1:] != test.images.shape[1:]:
@@ -330,7 +332,7 @@ def _check_split(name: str, which: str, split: Split, num_classes: int) -> None:
     if split.images.shape[0] != split.labels.shape[0]:
         raise DataError(f"{name}: {which} split has {split.images.shape[0]} images but {split.labels.shape[0]} labels")
     if len(split) == 0:
-        raise DataError(f"{name}: {which} split is empty")
+        raise DataError(f"{name}: {which} split is empty; each split needs images under dataset.root (check the files there)")
     low, high = int(split.labels.min()), int(split.labels.max())
     if low < 0 or high >= num_classes:
         raise DataError(f"{name}: {which} labels span {low}..{high} but there are {num_classes} classes")

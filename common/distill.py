@@ -15,8 +15,9 @@ import torch
 
 from common import artifacts
 from common.cache import FeatureCache
+from common.checks import load_checked
 from common.config import Config, to_dict
-from common.data import Data, load_data
+from common.data import Data
 from common.errors import ConfigError, UserError
 from common.io import atomic_write_text, atomic_write_yaml, file_lock, versions
 from common.layers import resolve_layers
@@ -24,7 +25,7 @@ from common.methods import MethodSpec, build_distiller, resolve_method
 from common.models import MODELS, create_model
 from common import profile
 from common.profile import layer_shapes, list_layers
-from common.teacher import CachedTeacher, check_names, LiveTeacher, ensure_teacher, load_teacher, ram_budget
+from common.teacher import CachedTeacher, LiveTeacher, ensure_teacher, load_teacher, ram_budget
 from common.train import CHECKPOINT, TeacherSource, finish, fit, resolve_device, seed_everything
 
 log = logging.getLogger("kd")
@@ -45,10 +46,23 @@ def uses_teacher(spec: MethodSpec) -> bool:
 def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int], list[int]]:
     """Teacher and student layer lists of a feature method (METHOD 7; section 0 item 4).
 
-    Explicit lists and the pairing are checked before anything is trained. A teacher-layer word
-    other than "baseline" ("selected", a criterion) is read from stage 1's manifest through
-    `Manifest.teacher_layers` (stage 1 runs first when the profile is missing): stage 2 never
-    selects layers itself.
+    Explicit lists and the pairing are checked before anything is trained (`check_pairs`). A
+    teacher-layer word other than "baseline" ("selected", a criterion) is read from stage 1's
+    manifest through `Manifest.teacher_layers` (stage 1 runs first when the profile is missing):
+    stage 2 never selects layers itself.
+    """
+    teacher_layers, student_layers = check_pairs(cfg, spec, data)
+    if isinstance(teacher_layers, str):
+        teacher_layers = profile.manifest_for(cfg, data).teacher_layers(teacher_layers)
+    return teacher_layers, student_layers
+
+
+def check_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int] | str, list[int]]:
+    """The layer lists of `resolve_pairs`, checked without reading or building the profile:
+    indices in range and listed once, as many teacher as student layers for a one-to-one mapping.
+
+    Returns the teacher layers (indices, or the profile word to read from the manifest) and the
+    student layers.
     """
     if spec.feature_loss == "none" and not spec.teacher_head:
         return [], []
@@ -58,12 +72,14 @@ def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int],
         student_layers = list(MODELS.get(cfg.student.name).baseline_layers)
     else:
         student_layers = sorted(resolve_layers(spec.student_layers, n_student, "student layer"))
+        _once("method.student_layers", spec.student_layers, student_layers)
     from_profile = isinstance(spec.teacher_layers, str) and spec.teacher_layers != "baseline"
     teacher_layers: list[int] = []
     if spec.teacher_layers == "baseline":
         teacher_layers = list(MODELS.get(cfg.teacher.name).baseline_layers)
     elif not from_profile:
         teacher_layers = sorted(resolve_layers(spec.teacher_layers, n_teacher, "teacher layer"))
+        _once("method.teacher_layers", spec.teacher_layers, teacher_layers)
     if from_profile:
         profile.validate(cfg, n_teacher)
         explicit = spec.teacher_layers == "selected" and cfg.profile.layers
@@ -76,19 +92,24 @@ def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int],
             f"method {spec.name} pairs teacher layers {shown} one-to-one with student layers {student_layers}; "
             f"give as many of each (profile.k or method.student_layers=[...])"
         )
-    if from_profile:
-        teacher_layers = profile.manifest_for(cfg, data).teacher_layers(str(spec.teacher_layers))
-    return teacher_layers, student_layers
+    return (str(spec.teacher_layers) if from_profile else teacher_layers), student_layers
 
 
-def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False) -> list[RunResult]:
+def _once(key: str, given: object, resolved: list[int]) -> None:
+    """A layer named twice (also as i and i - n) would be distilled twice; refuse it."""
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"{key}={list(given)} names a layer twice; list each layer once")
+
+
+def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data: Data | None = None) -> list[RunResult]:
     """Train one student per seed (skipping finished runs); returns what happened per seed.
 
-    Unfinished runs resume from their checkpoint unless `restart`, which starts them over.
+    Unfinished runs resume from their checkpoint unless `restart`, which starts them over. The
+    whole config is checked first (common.checks, then the layer pairing in `resolve_pairs`),
+    before a teacher or profile is built or a directory is made.
     """
     seeds = list(seeds if seeds is not None else cfg.seeds)
-    check_names(cfg)
-    data = load_data(cfg.dataset)
+    data = load_checked(cfg, data)
     spec = resolve_method(cfg.method)
     method = dataclasses.asdict(spec)
     needs_teacher = uses_teacher(spec)

@@ -37,7 +37,7 @@ import yaml
 
 from common import artifacts
 from common.cache import POSITIONS, FeatureCache, storage_order, write_h5
-from common.config import Config, to_dict
+from common.config import Config, to_dict, validate_config
 from common.data import Data, load_data
 from common.errors import CacheError, ConfigError, DataError
 from common.io import atomic_write, atomic_write_yaml, code_version, file_lock, io_written_mb, peak_rss_mb, versions
@@ -56,7 +56,6 @@ QUALITY = "quality.csv"
 SELECTION = "selection.yaml"
 MANIFEST = "profile.yaml"
 ACTIVATIONS = "activations.h5"
-CACHE_DTYPES = ("float16", "float32")
 # Version of what layer_stats.csv holds; a change in the statistics' code bumps it, so an old
 # table is recomputed rather than trusted.
 STATS_VERSION = 2
@@ -139,7 +138,8 @@ def cache_identity(teacher_sha: str, data: Data) -> dict[str, str]:
 
 
 def validate(cfg: Config, n_layers: int) -> None:
-    """Every profile setting, checked before a teacher is trained or a file is written."""
+    """The profile settings that need the teacher's layer count or the criteria (the plain ranges
+    are `common.config.validate_config`'s), checked before a teacher is trained or a file written."""
     p = cfg.profile
     if p.criterion not in CRITERIA:
         raise ConfigError(f"profile.criterion is '{p.criterion}'; choose one of {', '.join(CRITERIA)}")
@@ -149,18 +149,11 @@ def validate(cfg: Config, n_layers: int) -> None:
         resolved = resolve_layers(p.layers, n_layers, "profile.layers entry")
         if len(set(resolved)) != len(resolved):
             raise ConfigError(f"profile.layers {p.layers} names a layer twice; list each teacher layer once")
-    if p.cache_dtype not in CACHE_DTYPES:
-        raise ConfigError(f"profile.cache_dtype must be float16 or float32, not '{p.cache_dtype}'")
-    if p.memory_budget_mb < 1:
-        raise ConfigError(f"profile.memory_budget_mb={p.memory_budget_mb}; give the memory S/I/E/Q may hold, in MiB (default 2048)")
-    if p.batch_size < 1:
-        raise ConfigError(f"profile.batch_size={p.batch_size}; it must be >= 1")
-    if p.pool_size is not None and p.pool_size < 1:
-        raise ConfigError(f"profile.pool_size={p.pool_size}; give a number of images or null for the whole training split")
 
 
 def run(cfg: Config, data: Data | None = None) -> Profile:
     """Run every stage-1 step that is not already done; returns the profile."""
+    validate_config(cfg)  # configs changed in code skip load_config's check
     MODELS.get(cfg.teacher.name)
     data = data if data is not None else load_data(cfg.dataset)
     validate(cfg, len(_teacher_layers(cfg, data)))

@@ -36,7 +36,7 @@ def _fail(path: str, arch: str, problem: str) -> ConfigError:
 
 def read_state_dict(path: str, arch: str) -> StateDict:
     """A plain {name: tensor} state dict from `path` (memory-mapped when the format allows)."""
-    file = Path(path)
+    file = Path(path).expanduser()  # config files give ~/weights/... (configs/cifar10.yaml)
     if not file.is_file():
         raise ConfigError(
             f"pretrained file '{path}' not found; set model.pretrained to a local file (nothing is downloaded)"

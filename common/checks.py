@@ -1,0 +1,60 @@
+"""Checks of the whole resolved config, run by every stage before any teacher is built or any
+file is written, so that a bad input costs seconds and leaves the artifacts tree as it was.
+
+    data = load_checked(cfg)    # stage 1 and 2: everything below, then the data, then what needs it
+
+Each check lives where its subject does; this module only runs them in order, cheap first:
+`common.config.validate_config` (ranges), `common.artifacts.check_writable` (the artifacts
+path), the model, dataset and method names (`common.teacher.check_names`, the registries), the
+devices, `common.data.load_data` (data errors), then the layer counts of an untrained teacher
+and student, `common.profile.validate`, and the training and analysis subsets. Stage 2's layer
+pairing is checked by `common.distill.check_pairs`, before the profile is read or built.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from common import artifacts, profile
+from common.config import Config, validate_config
+from common.data import DATASETS, Data, load_data
+from common.errors import ConfigError
+from common.teacher import build_teacher, check_names
+from common.train import resolve_device
+
+
+def load_checked(cfg: Config, data: Data | None = None) -> Data:
+    """Check everything, loading the data (unless given) in between; returns the data."""
+    check_config(cfg)
+    data = data if data is not None else load_data(cfg.dataset)
+    check_with_data(cfg, data)
+    return data
+
+
+def check_config(cfg: Config) -> None:
+    """What needs no data: ranges (again, for configs built or changed in code), the artifacts
+    path, names, checkpoint files and devices."""
+    validate_config(cfg)
+    artifacts.check_writable(cfg.artifacts)
+    check_names(cfg)
+    DATASETS.get(cfg.dataset.name)
+    if cfg.student.pretrained is not None:
+        # Students train from scratch (METHOD 5); a set value would be ignored without a word.
+        raise ConfigError(f"student.pretrained={cfg.student.pretrained} is not used: students train from scratch; remove it")
+    if cfg.teacher.pretrained is not None and not Path(cfg.teacher.pretrained).expanduser().is_file():
+        raise ConfigError(f"teacher.pretrained file {cfg.teacher.pretrained} not found; give a local torchvision ImageNet state-dict file, or null")
+    for device in dict.fromkeys((cfg.teacher_train.device, cfg.train.device, cfg.profile.device)):
+        resolve_device(device)
+
+
+def check_with_data(cfg: Config, data: Data) -> None:
+    """What needs the data: both models build for its image size and channels, the profile
+    settings fit the teacher's layer count, the subsets fit the classes."""
+    n_teacher = len(profile.layer_shapes(cfg, data))  # an untrained copy: cheap, and model errors show here
+    profile.layer_shapes(dataclasses.replace(cfg, teacher=cfg.student), data)
+    profile.validate(cfg, n_teacher)
+    data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed)
+    data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
+    profile.q_subsets(cfg, data)
+    if cfg.teacher.pretrained is not None and not (artifacts.teacher_dir(cfg, data) / "done").exists():
+        build_teacher(cfg, data, pretrained=True)  # reads the checkpoint now, not after the teacher directory exists
