@@ -281,7 +281,7 @@ def geometry_from_gram(gram: Tensor, sq: Tensor, y: Tensor, dim: int, resolve: M
         found = []
         for r0, r1 in chunks:
             diag = torch.arange(r1 - r0, device=device)
-            cos = (gram[r0:r1].abs() / (norms[r0:r1, None] * norms[None, :])).clamp_(max=1.0)
+            cos = gram[r0:r1].abs().div_(norms[r0:r1, None]).div_(norms[None, :]).clamp_(max=1.0)  # in place: no n-wide temporaries
             cos[diag, r0 + diag] = 1.0  # c_aa = 1 exactly
             block_sums[k].index_add_(0, y_idx, cos.sum(0))
             lowest = torch.minimum(lowest, cos[:, start:end].amin())  # NaN propagates
