@@ -6,12 +6,17 @@ stage 2 reads mini-batch rows of it every step for many epochs.
 
 File format: one flat HDF5 dataset of shape (n, *shape) per name, attributes `meta` (a JSON
 string: whatever keys the caller passes, checked by `FeatureCache.check`), `n`, `format_version`
-and `complete` (set last, so a file without it is never trusted). A cache of some rows of the
-training split (the students' training subset) has a dataset `positions`: the
-training-split position of each row. Rows are stored in a seeded random order of positions
-(`storage_order`), so that contiguous disk blocks mix classes even when the dataset is stored
-class by class (Tiny ImageNet). Readers address rows by training-split position (`gather`,
-`load`), and asking for a position the file does not hold is a CacheError, never a wrong row.
+and `complete` (set last, so a file without it is never trusted). Every dataset carries a `crc32`
+attribute: the CRC-32 of its bytes in row order, computed by the writer as rows stream in, so
+silent corruption (a flipped byte no metadata check sees) is found when the dataset is read:
+for free when it is loaded into RAM whole (the bytes are read anyway), by one streaming pass
+(`verify`) before a partial load or disk reads. Files of format 1 (no checksums) are refused as
+stale; stage 1 rebuilds them. A cache of some rows of the training split (the students'
+training subset) has a dataset `positions`: the training-split position of each row. Rows are
+stored in a seeded random order of positions (`storage_order`), so that contiguous disk blocks
+mix classes even when the dataset is stored class by class (Tiny ImageNet). Readers address
+rows by training-split position (`gather`, `load`), and asking for a position the file does not
+hold is a CacheError, never a wrong row.
 
 Read path, measured by `bench/bench_cache_read.py`: datasets are stored *contiguous* (not
 chunked) because HDF5 point selections on chunked datasets cost tens of ms per 128-row batch
@@ -25,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -35,8 +40,11 @@ import torch
 from tqdm import tqdm
 
 from common.errors import CacheError, ConfigError
+from common.io import disk_full_error, is_disk_full, pid_alive, remove_stale_tmp, tmp_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-dataset crc32 attributes
+CHECKSUM = "crc32"  # dataset attribute: zlib.crc32 of the dataset's bytes in row order
+VERIFY_BLOCK_BYTES = 64 << 20  # bytes read per step of a streaming `verify` pass (bounded memory)
 POSITIONS = "positions"  # dataset: training-split position of each row (sorted)
 DEFAULT_REBUILD_HINT = "rerun stage 1 (stage1_profile_teacher.py)"
 # A sorted gather reads one slice instead of a point selection when the rows fill at least this
@@ -44,37 +52,8 @@ DEFAULT_REBUILD_HINT = "rerun stage 1 (stage1_profile_teacher.py)"
 SLICE_FILL = 0.8
 
 
-def _tmp_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
-def _tmp_path(path: Path) -> Path:
-    """Per-writer temp name (host and pid) so parallel writers never clobber each other."""
-    return path.with_name(f"{_tmp_prefix(path)}{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _remove_stale_tmp(path: Path) -> None:
-    """Delete temp files of killed writers of `path` on this host (live writers are left alone)."""
-    prefix, host = _tmp_prefix(path), socket.gethostname()
-    if not path.parent.is_dir():
-        return
-    for tmp in path.parent.glob(f"{prefix}*.tmp"):
-        stem = tmp.name[len(prefix) : -len(".tmp")]
-        tmp_host, _, pid = stem.rpartition(".")
-        if tmp_host != host or not pid.isdigit():
-            continue
-        if int(pid) == os.getpid() or not _pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+# One temp-file scheme for every artifact writer (common/io.py): `.<name>.<host>.<pid>.tmp`.
+_tmp_path, _pid_alive, _remove_stale_tmp = tmp_path, pid_alive, remove_stale_tmp
 
 
 def _fsync(path: Path) -> None:
@@ -141,7 +120,9 @@ def write_h5(
     that batch's rows; the file gets one dataset (n, *shapes[name]) of dtype dtypes[name] per
     name. Only one batch is in memory at a time. The file is written under a temp name in the
     same directory, `complete=True` is set last, then it is fsynced and renamed onto `path`: a
-    killed run leaves the old file (or none), and its temp file is removed by the next write.
+    killed run leaves the old file (or none); its temp file is removed on any exception (SIGTERM
+    is one, see common.cli) or, after a SIGKILL, by the next write. Each dataset gets the CRC-32
+    of its bytes (attribute `crc32`). A full disk is a DiskFullError (common.io).
 
     copy_from: a valid cache with the same n whose datasets not in `shapes` are copied over
     (extends a cache with more layers without recomputing the old ones; may equal `path`).
@@ -165,7 +146,8 @@ def write_h5(
             for name, shape in shapes.items():
                 chunks = (min(chunk_rows, n), *shape) if chunk_rows and n > 0 else None
                 datasets[name] = out.create_dataset(name, (n, *shape), dtype=np.dtype(dtypes[name]), chunks=chunks)
-            _stream_rows(path, datasets, n, batches, progress)
+            for name, crc in _stream_rows(path, datasets, n, batches, progress).items():
+                datasets[name].attrs[CHECKSUM] = crc
             out.attrs["meta"] = json.dumps(meta, default=str, sort_keys=True)
             out.attrs["n"] = n
             out.attrs["format_version"] = FORMAT_VERSION
@@ -174,8 +156,11 @@ def write_h5(
             out.flush()
         _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and is_disk_full(exc, path.parent)  # asked before the temp file frees the space
         tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(path) from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -199,7 +184,10 @@ def _stream_rows(
     n: int,
     batches: Iterable[dict[str, torch.Tensor | np.ndarray]],
     progress: bool,
-) -> None:
+) -> dict[str, int]:
+    """Write the rows in order; returns each dataset's CRC-32 (rows arrive in file order, so the
+    running CRC over the written bytes is the CRC of the whole dataset)."""
+    crcs = {name: 0 for name in datasets}
     start = 0
     with tqdm(total=n, unit="rows", desc=path.name, disable=None if progress else True) as bar:  # None: off when not a terminal
         for batch in batches:
@@ -216,21 +204,34 @@ def _stream_rows(
                 ds = datasets[name]
                 if array.shape[1:] != ds.shape[1:]:
                     raise ValueError(f"dataset '{name}' rows have shape {array.shape[1:]}, expected {ds.shape[1:]}")
-                ds[start : start + count] = _cast_checked(path, name, array, ds.dtype, start)
+                rows_out = np.ascontiguousarray(_cast_checked(path, name, array, ds.dtype, start))
+                ds[start : start + count] = rows_out
+                crcs[name] = zlib.crc32(rows_out, crcs[name])  # a C-contiguous buffer: its bytes as stored
             start += count
             bar.update(count)
     if start != n:
         raise ValueError(f"batches yielded {start} rows, expected n={n}")
+    return crcs
 
 
 class FeatureCache:
-    """Read-only view of a cache written by `write_h5`: meta, checks, RAM load, row gathers."""
+    """Read-only view of a cache written by `write_h5`: meta, checks, RAM load, row gathers.
 
-    def __init__(self, path: Path, *, rebuild_hint: str = DEFAULT_REBUILD_HINT) -> None:
-        """Open `path`; CacheError (naming the file and `rebuild_hint`) if missing, corrupt or incomplete."""
+    Checksums: `load` checks every dataset it reads against its `crc32` (inline for a whole
+    dataset, by one streaming `verify` pass before a partial load); disk readers call `verify`
+    once before their first `gather` (CachedTeacher does). `verify=False` skips all of it (for
+    benchmarks and forensics only).
+    """
+
+    def __init__(self, path: Path, *, rebuild_hint: str = DEFAULT_REBUILD_HINT, verify: bool = True) -> None:
+        """Open `path`; CacheError (naming the file and `rebuild_hint`) if missing, corrupt,
+        incomplete, of an older format, or if a dataset's row count or shape disagrees with the
+        file's own metadata. Opening reads only metadata and the small `positions` dataset."""
         self.path = Path(path)
         self._ram: dict[str, torch.Tensor] = {}
         self._ram_position: torch.Tensor | None = None  # row -> RAM position when a subset is loaded
+        self._check_sums = verify
+        self._verified: set[str] = set()
         if not self.path.is_file():
             raise CacheError(f"{self.path} does not exist; {rebuild_hint}")
         try:
@@ -244,6 +245,7 @@ class FeatureCache:
             self.meta: dict = json.loads(self._file.attrs["meta"])
             self.n: int = int(self._file.attrs["n"])
             self.names: list[str] = sorted(k for k, v in self._file.items() if isinstance(v, h5py.Dataset))
+            self._check_layout(rebuild_hint)
         except CacheError:
             self._file.close()
             raise
@@ -257,9 +259,77 @@ class FeatureCache:
         # training-split position of each row; None: row i is position i (a whole-split cache)
         self.positions: torch.Tensor | None = None
         if POSITIONS in self.names:
-            self.positions = torch.from_numpy(self._file[POSITIONS][:].astype(np.int64))
+            try:
+                self.positions = torch.from_numpy(self._read_whole(POSITIONS).astype(np.int64))
+            except BaseException:
+                self._file.close()
+                raise
             # rows may be stored in any order (stage 1 shuffles them): look positions up sorted
             self._sorted_positions, self._row_of_sorted = torch.sort(self.positions)
+
+    def _check_layout(self, rebuild_hint: str) -> None:
+        """Format version, a checksum on every dataset, n rows each, and the shapes `meta` records."""
+        version = int(self._file.attrs.get("format_version", 0))
+        if version < FORMAT_VERSION:
+            raise CacheError(
+                f"{self.path} was written before per-dataset checksums (format {version}, now {FORMAT_VERSION}) "
+                f"and is treated as stale; {rebuild_hint}"
+            )
+        recorded = {f"layer_{k}": tuple(v) for k, v in (self.meta.get("shapes") or {}).items()}
+        for name in self.names:
+            ds = self._file[name]
+            if CHECKSUM not in ds.attrs:
+                raise CacheError(f"{self.path}: dataset '{name}' has no {CHECKSUM} checksum (incomplete or corrupt); {rebuild_hint}")
+            if not ds.shape or ds.shape[0] != self.n:
+                raise CacheError(
+                    f"{self.path}: dataset '{name}' has shape {_dims(ds.shape)} but the file holds {self.n} rows "
+                    f"(corrupt); {rebuild_hint}"
+                )
+            want = recorded.get(name)
+            if want is not None and tuple(ds.shape[1:]) != want:
+                raise CacheError(
+                    f"{self.path}: dataset '{name}' has rows of shape {_dims(ds.shape[1:])}, its metadata says "
+                    f"{_dims(want)} (corrupt); {rebuild_hint}"
+                )
+
+    def verify(self, names: Sequence[str] | None = None) -> None:
+        """Check `names` (default: every dataset) against their recorded CRC-32, streaming each
+        once in blocks of VERIFY_BLOCK_BYTES; datasets already checked are skipped. CacheError
+        naming the file, the dataset and the rebuild command on a mismatch."""
+        if not self._check_sums:
+            return
+        for name in self.names if names is None else names:
+            if name in self._verified:
+                continue
+            ds = self._dataset(name)
+            row_bytes = max(1, int(math.prod(ds.shape[1:])) * ds.dtype.itemsize)
+            step = max(1, VERIFY_BLOCK_BYTES // row_bytes)
+            buffer = np.empty((min(step, self.n), *ds.shape[1:]), dtype=ds.dtype)
+            crc = 0
+            for start in range(0, self.n, step):
+                count = min(step, self.n - start)
+                ds.read_direct(buffer, np.s_[start : start + count], np.s_[0:count])
+                crc = zlib.crc32(buffer[:count], crc)
+            self._compare(name, crc)
+
+    def _compare(self, name: str, crc: int) -> None:
+        want = int(self._file[name].attrs[CHECKSUM])
+        if crc != want:
+            raise CacheError(
+                f"{self.path}: dataset '{name}' is corrupt (its bytes changed on disk since they were written: "
+                f"crc32 {crc:08x}, recorded {want:08x}); {self._rebuild_hint}"
+            )
+        self._verified.add(name)
+
+    def _read_whole(self, name: str) -> np.ndarray:
+        """Dataset `name` read into memory, checked against its CRC-32 on the way (no extra read)."""
+        ds = self._dataset(name)
+        array = np.empty(ds.shape, dtype=ds.dtype)
+        if array.size:
+            ds.read_direct(array)
+        if self._check_sums and name not in self._verified:
+            self._compare(name, zlib.crc32(array))
+        return array
 
     def __enter__(self) -> FeatureCache:
         return self
@@ -305,7 +375,7 @@ class FeatureCache:
         subset: extend it, see common/profile.py); IndexError for a whole-split cache asked
         for a position past its end.
         """
-        index = positions.detach().cpu().reshape(-1).long()
+        index = positions.detach().cpu().reshape(-1).long().contiguous()
         if self.positions is None:
             if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n):
                 raise IndexError(f"gather indices must lie in [0, {self.n}) for {self.path}")
@@ -342,19 +412,19 @@ class FeatureCache:
         """
         if rows is not None:
             rows = torch.unique(self.rows_of(rows))
+            if int(rows.numel()) == self.n:  # every row (the usual case): a whole, checksummed read
+                rows = None
         n_rows = self.n if rows is None else int(rows.numel())
         if sum(self.nbytes(name) // max(1, self.n) * n_rows for name in names) > max_bytes:
             return False
         for name in names:
             if name in self._ram:
                 continue
-            ds = self._dataset(name)
             if rows is None:
-                array = np.empty(ds.shape, dtype=ds.dtype)
-                if array.size:
-                    ds.read_direct(array)
+                array = self._read_whole(name)
             else:
-                array = self._read_rows(ds, rows.numpy())
+                self.verify([name])  # a partial read cannot be checked by itself: one streaming pass first
+                array = self._read_rows(self._dataset(name), rows.numpy())
             self._ram[name] = torch.from_numpy(np.ascontiguousarray(array))
         if rows is not None:
             self._ram_position = torch.full((self.n,), -1, dtype=torch.long)
@@ -397,6 +467,10 @@ class FeatureCache:
         if unique.size == index.size and np.array_equal(unique, index):
             return rows
         return rows[inverse.reshape(-1)]
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
 
 
 def storage_order(positions: torch.Tensor, seed: int = 0) -> torch.Tensor:

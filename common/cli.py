@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+from pathlib import Path
+from types import FrameType
 from typing import Callable, NoReturn
 
 from common.config import Config, load_config
@@ -60,15 +63,47 @@ def parse_seeds(values: list[str]) -> list[int]:
         raise UserError(f"--seeds takes integers, got {' '.join(values)!r}; e.g. --seeds \"0 1 2\" or --seeds 0,1,2") from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a batch scheduler), raised in the main thread like Ctrl-C so
+    that every writer's cleanup runs: temp files removed, locks released, old artifacts kept."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # One clean exit per process: a second SIGTERM while the cleanup runs is ignored, so it
+    # cannot cut the cleanup short (SIGKILL still can; the next writer removes what is left).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM into `Terminated` (a KeyboardInterrupt) in this process."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def main(body: Callable[[], int | None]) -> None:
-    """Run a stage: user errors become one `error:` line and exit code 2."""
+    """Run a stage: user errors become one `error:` line and exit code 2; Ctrl-C (130) and
+    SIGTERM (143) one `interrupted:` line after the writers removed their temp files."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    install_sigterm_handler()
     try:
         code = body()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finished artifacts are kept; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        how, status = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("Ctrl-C", 130)
+        print(f"interrupted: {how}; finished artifacts are kept and partial ones removed; rerun the same command to resume", file=sys.stderr)
+        sys.exit(status)
+    except (OSError, RuntimeError) as exc:
+        # A write that no atomic writer wraps (a marker file, a plot) on a full disk: one line too.
+        from common.io import is_disk_full, mount_point
+
+        filename = getattr(exc, "filename", None)
+        where = Path(filename).parent if filename else Path.cwd()
+        if not is_disk_full(exc, where):
+            raise
+        mount = mount_point(where)
+        target = f" writing {filename}" if filename else ""
+        print(f"error: disk full{target} (no space left on {mount}); free space on {mount} or pass artifacts=DIR on another disk, then rerun", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code or 0)

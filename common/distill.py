@@ -18,8 +18,8 @@ from common.cache import FeatureCache
 from common.checks import load_checked
 from common.config import Config, to_dict
 from common.data import Data
-from common.errors import ConfigError, UserError
-from common.io import atomic_write_text, atomic_write_yaml, file_lock, versions
+from common.errors import ConfigError
+from common.io import atomic_write_yaml, file_lock, mark_failed, versions
 from common.layers import resolve_layers
 from common.methods import MethodSpec, build_distiller, resolve_method
 from common.models import MODELS, create_model
@@ -164,7 +164,7 @@ def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int]
         raise ConfigError("train.augment=true needs the live teacher (cached features would be stale); set train.teacher_source=live or auto")
     # ensure_features refuses a cache of another checkpoint or other data (stage 1 rebuilds it).
     rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
-    cache = FeatureCache(profile.ensure_features(cfg, data, layers, rows))
+    cache = FeatureCache(profile.ensure_features(cfg, data, layers, rows), rebuild_hint=profile._rebuild_hint(cfg))
     return CachedTeacher(cache, layers, logits, device, ram_budget(), rows=rows)
 
 
@@ -214,6 +214,7 @@ def _train_one(
     )
     model_spec = MODELS.get(cfg.student.name)
     lr = train_cfg.lr if train_cfg.lr is not None else (model_spec.lr_ce if spec.name == "ce" else model_spec.lr_kd)
+    (rdir / "failed").unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
     try:
         result = fit(
             distiller,
@@ -226,8 +227,8 @@ def _train_one(
             weights_of=student,
             desc=f"{spec.name} s{seed}",
         )
-    except UserError as exc:
-        atomic_write_text(rdir / "failed", f"{exc}\n")
+    except Exception as exc:  # any crash, not only UserErrors; KeyboardInterrupt/SIGTERM: resumable, not failed
+        mark_failed(rdir, exc)
         raise
     finish(rdir, result)
     log.info("distill %s seed %d: best test accuracy %.2f%% (epoch %d), last %.2f%%", spec.name, seed, result.best_test_acc, result.best_epoch, result.last_test_acc)

@@ -40,7 +40,7 @@ from common.cache import POSITIONS, FeatureCache, storage_order, write_h5
 from common.config import Config, to_dict, validate_config
 from common.data import Data, load_data
 from common.errors import CacheError, ConfigError, DataError
-from common.io import atomic_write, atomic_write_yaml, code_version, file_lock, io_written_mb, peak_rss_mb, versions
+from common.io import atomic_write, atomic_write_text, atomic_write_yaml, code_version, file_lock, io_written_mb, peak_rss_mb, versions
 from common.layers import LayerInfo, extract, forward_with_features, layer_table, resolve_layers
 from common.models import MODELS
 from common.quality import CRITERIA, draw_subsets, select_layers
@@ -214,8 +214,9 @@ def ensure_features(cfg: Config, data: Data, layers: list[int], rows: torch.Tens
         with FeatureCache(path, rebuild_hint=_rebuild_hint(cfg)) as cache:
             if set(cache.meta.get("layers", [])) >= set(layers) and cache.covers(rows):
                 teacher_sha = checkpoint_sha(cfg, data)
-                cache.check({**cache_identity(teacher_sha, data), "dtype": cfg.profile.cache_dtype}, rebuild_hint=_rebuild_hint(cfg))
-                return path
+                cache.check(_expected_meta(cfg, data, teacher_sha), rebuild_hint=_rebuild_hint(cfg))
+                _check_shapes(cache, cfg, data, layers, layer_shapes(cfg, data))
+                return path  # the datasets' checksums are checked when stage 2 reads them
     teacher, teacher_sha = load_teacher(cfg, data, device)
     return _ensure_features(cfg, data, teacher, teacher_sha, layers, rows, device, rebuild_stale=False)
 
@@ -349,7 +350,18 @@ def _select(cfg: Config, stats: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, A
         how = f"top-{k} by {cfg.profile.criterion}"
     quality = stats.copy()
     quality["selected"] = quality["layer"].isin(selected)
+    quality["undefined"] = _undefined(stats)
+    for layer, names in zip(quality["layer"], quality["undefined"]):
+        if names:
+            log.info("profile: layer %d has no finite %s (zero or non-finite features); never selected by them", layer, names)
     return quality, top_k, selected, how
+
+
+def _undefined(stats: pd.DataFrame) -> list[str]:
+    """Per layer, the criteria that are NaN or infinite there ("S I Q"; "" when all are defined):
+    quality.csv's marker for the scores `select_layers` skips."""
+    bad = ~stats[list(CRITERIA)].astype(float).abs().lt(float("inf"))  # NaN < inf is False too
+    return [" ".join(c for c in CRITERIA if row[c]) for _, row in bad.iterrows()]
 
 
 def _write_selection(cfg: Config, pdir: Path, quality: pd.DataFrame, selected: list[int], how: str) -> None:
@@ -394,9 +406,30 @@ def _write_manifest(
         "code_version": code_version(),
     }
     path = pdir / MANIFEST
-    if _read_yaml(path) != content:  # a rerun with nothing new leaves the file untouched
-        atomic_write_yaml(path, content)
+    text = yaml.safe_dump(content, sort_keys=False)
+    if not path.exists() or path.read_text() != text:  # a rerun with nothing new leaves the file untouched (text: NaN != NaN)
+        atomic_write_text(path, text)
     return Manifest(pdir, content)
+
+
+def _expected_meta(cfg: Config, data: Data, teacher_sha: str) -> dict[str, Any]:
+    """The cache metadata a reader must find: checkpoint, data, split, dtype and preprocessing."""
+    preprocessing = {"mean": data.mean.tolist(), "std": data.std.tolist(), "image_size": data.image_size}
+    return {**cache_identity(teacher_sha, data), "dtype": cfg.profile.cache_dtype, "preprocessing": preprocessing}
+
+
+def _check_shapes(cache: FeatureCache, cfg: Config, data: Data, layers: list[int], shapes: dict[int, tuple[int, ...]]) -> None:
+    """Each cached layer's rows have the shape the teacher's layer gives (and logits one per class)."""
+    expected = {layer_name(i): tuple(shapes[i]) for i in layers if i in shapes}
+    if "logits" in cache.names:
+        expected["logits"] = (data.num_classes,)
+    for name, want in expected.items():
+        have = cache.shape(name)
+        if have != want:
+            raise CacheError(
+                f"{cache.path}: cache field '{name}' has rows of shape {'x'.join(map(str, have))}, the teacher "
+                f"gives {'x'.join(map(str, want))}; {_rebuild_hint(cfg)}"
+            )
 
 
 def _ensure_features(
@@ -413,19 +446,23 @@ def _ensure_features(
 
     Missing layers are added (the old datasets are copied, only the new ones computed); missing
     rows rebuild the file for the union of its rows and `rows`, so the cache only grows and a
-    reader never gets a row it did not ask for.
+    reader never gets a row it did not ask for. An existing file is checked whole first (meta,
+    shapes, every dataset's checksum): stage 1 rebuilds a stale or corrupt one (`rebuild_stale`),
+    stage 2 refuses it with the command that rebuilds it.
     """
     path = features_path(cfg, data)
     rows = torch.unique(rows.cpu().long())
+    all_shapes = layer_shapes(cfg, data)
     with file_lock(path.with_name(path.name + ".lock")):
-        identity = cache_identity(teacher_sha, data)
         have: list[int] = []
         positions = rows
         extend_only = False
         if path.exists():
             try:
                 with FeatureCache(path, rebuild_hint=_rebuild_hint(cfg)) as cache:
-                    cache.check({**identity, "dtype": cfg.profile.cache_dtype}, rebuild_hint=_rebuild_hint(cfg))
+                    cache.check(_expected_meta(cfg, data, teacher_sha), rebuild_hint=_rebuild_hint(cfg))
+                    _check_shapes(cache, cfg, data, list(cache.meta.get("layers", [])), all_shapes)
+                    cache.verify()  # silent corruption: a flipped byte no metadata check sees
                     have = list(cache.meta.get("layers", []))
                     cached = cache.positions if cache.positions is not None else torch.arange(cache.n)
                     extend_only = cache.covers(rows)
@@ -439,16 +476,13 @@ def _ensure_features(
         if extend_only and not missing:
             log.info("profile: %s already holds layers %s for these rows, skipping", path, sorted(set(layers)))
             return path
-        all_shapes = layer_shapes(cfg, data)
         shapes = {layer_name(i): all_shapes[i] for i in missing}
         dtypes = {n: cfg.profile.cache_dtype for n in shapes}
         all_layers = sorted(set(have) | set(missing))
         meta = {
-            **identity,
-            "dtype": cfg.profile.cache_dtype,
+            **_expected_meta(cfg, data, teacher_sha),
             "layers": all_layers,
             "shapes": {str(i): list(all_shapes[i]) for i in all_layers},
-            "preprocessing": {"mean": data.mean.tolist(), "std": data.std.tolist(), "image_size": data.image_size},
             "sample_order": "seeded random order of training-split positions (dataset 'positions')",
             "code_version": code_version(),
         }

@@ -22,9 +22,13 @@ singular values, accurate to ~1e-16 of the total variance.
 
 Degenerate inputs: a zero-norm feature row in subset A has an undefined cosine, as in the
 reference; NaN then propagates to AvgIntra, AvgInter, AvgMinIntra, S, I, sqrtIE and Q of that
-layer (E stays finite), and `select_layers` skips NaN scores. A class of subset B with zero total
-variance gives NaN ratios exactly like the reference: its k95 is 1 (the reference's while loop
-stops at the first NaN comparison) and its entropy is set to 0.
+layer (E stays finite; an all-zero layer, AvgNorm = 0, makes E NaN too), and `select_layers`
+skips NaN (and infinite) scores: NaN means "undefined" for that layer. A class of subset B with
+zero total variance gives NaN ratios exactly like the reference: its k95 is 1 (the reference's
+while loop stops at the first NaN comparison) and its entropy is set to 0. A constant non-zero
+layer is well defined: every |cos| is 1 and every spectrum zero, so S = I = Q = 0 (E = 0 when
+all rows are equal). Non-finite features (an overflowing layer) give NaN spectra rather than a
+failed eigensolver, so the layer is undefined, not fatal.
 """
 from __future__ import annotations
 
@@ -348,6 +352,8 @@ def _centred_sq_singular_values(z: Tensor, device: torch.device) -> Tensor:
         full = z.to(device=device, dtype=torch.float64)
         full = full - full.mean(0)
         gram = full.T @ full
+    if not bool(torch.isfinite(gram).all()):  # inf/NaN features: eigvalsh would fail to converge
+        return torch.full((min(n_k, dim),), math.nan, dtype=torch.float64, device=gram.device)
     # eigenvalues of a PSD Gram; rounding can push (numerically) zero ones slightly negative
     with _single_threaded(gram.device):
         eigenvalues = torch.linalg.eigvalsh(gram)
@@ -422,7 +428,10 @@ def efficiency_factor(n_train: int, pcagid: int) -> float:
 
 
 def efficiency(avg_min_inter_dist: float, avg_norm: float, k_factor: float) -> float:
-    """E = K * 2 * AvgMinInterDist / AvgNorm (METHOD 6.5)."""
+    """E = K * 2 * AvgMinInterDist / AvgNorm (METHOD 6.5); NaN (undefined) for an all-zero
+    layer, whose AvgNorm is 0 (Python's 0 / 0 would raise and stop the whole profile)."""
+    if avg_norm == 0.0:
+        return math.nan
     return k_factor * 2.0 * avg_min_inter_dist / avg_norm
 
 
@@ -534,19 +543,20 @@ def layer_quality(
 def select_layers(scores: Mapping[int, float], k: int, *, exclude_nan: bool = True) -> list[int]:
     """The k layers with the highest score, sorted by layer index; ties go to the lower index.
 
-    NaN scores are never selected: skipped when `exclude_nan`, else a DataError.
+    NaN (undefined) and infinite scores are never selected: skipped when `exclude_nan`, else a
+    DataError. An infinite score only comes from broken features, so it must not win.
     """
     if k < 1:
         raise ConfigError(f"k must be >= 1 layers, got {k}; set profile.k")
     values = {int(layer): float(score) for layer, score in scores.items()}
-    nan_layers = sorted(layer for layer, score in values.items() if math.isnan(score))
+    nan_layers = sorted(layer for layer, score in values.items() if not math.isfinite(score))
     if nan_layers and not exclude_nan:
         raise DataError(
-            f"layers {nan_layers} have a NaN score (a zero feature vector?); exclude them or fix the features"
+            f"layers {nan_layers} have a NaN or infinite score (a zero feature vector?); exclude them or fix the features"
         )
-    valid = [(layer, score) for layer, score in values.items() if not math.isnan(score)]
+    valid = [(layer, score) for layer, score in values.items() if math.isfinite(score)]
     if k > len(valid):
-        skipped = f" ({len(nan_layers)} NaN skipped)" if nan_layers else ""
+        skipped = f" ({len(nan_layers)} NaN or infinite skipped)" if nan_layers else ""
         raise ConfigError(f"k={k} but only {len(valid)} layers have a score{skipped}; lower profile.k")
     ranked = sorted(valid, key=lambda item: (-item[1], item[0]))
     return sorted(layer for layer, _ in ranked[:k])

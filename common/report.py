@@ -9,8 +9,10 @@ Implements METHOD section 10 with the reporting decisions of section 0 item 8:
   the reference's "drop runs more than 1 pt below the best run" rule only with `drop_outliers`;
 * gain over the CE student, ARI (METHOD 10), epochs-to-target and wall-clock time to target.
 
-Only finished runs (a `done` file) are averaged; unfinished, failed and missing seeds are listed
-in a table of their own. Directory layout (see common/artifacts.py):
+Only finished runs (a `done` file) are averaged; the others are listed in a table of their own
+with a status: `running` (a live process holds the run's lock), `failed` (a `failed` file: the
+run crashed, its error is shown), `interrupted` (killed: rerunning the command resumes it) or
+`missing` (a configured seed with no directory). Directory layout (see common/artifacts.py):
 
     <artifacts>/<dataset>/<teacher>__<student>/<method>-<hash8>/seed<k>/{config.yaml,metrics.csv,done|failed}
     <artifacts>/<dataset>/<teacher>-<hash8>/{config.yaml,metrics.csv,done}
@@ -31,6 +33,7 @@ from matplotlib.figure import Figure  # object API: no pyplot state, PNGs render
 from matplotlib.ticker import MaxNLocator
 
 from common.errors import DataError
+from common.io import atomic_write, atomic_write_text, lock_held
 
 BASELINE = "ce"  # the CE-only student every method is compared with
 OURS = "ours"
@@ -108,14 +111,29 @@ def run_summary(metrics: pd.DataFrame | None) -> dict[str, float]:
 
 
 def _status(run_dir: Path) -> tuple[str, str]:
-    """finished (a `done` file, written last) > failed (a `failed` file) > unfinished."""
+    """(status, error) of a run or teacher directory.
+
+    finished: a `done` file (written last); running: its `.lock` is held by a live process
+    (stage 2 holds it while it trains the run, stage 1 while it trains the teacher); failed: a
+    `failed` file, whose first line is the error; interrupted: none of these, so the process
+    died (SIGKILL, a crash of the machine) and rerunning the command resumes it.
+    """
     if (run_dir / "done").is_file():
         return "finished", ""
+    if lock_held(run_dir / ".lock"):
+        return "running", ""
     failed = run_dir / "failed"
     if failed.is_file():
-        lines = failed.read_text(errors="replace").strip().splitlines()
-        return "failed", lines[-1] if lines else "(empty failed file)"
-    return "unfinished", ""
+        return "failed", _error_line(failed.read_text(errors="replace"))
+    return "interrupted", ""
+
+
+def _error_line(text: str) -> str:
+    """The error of a `failed` file: its first line, or the last line of a bare traceback."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "(empty failed file)"
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -508,7 +526,8 @@ def _target_for(row: pd.Series, table: pd.DataFrame, curves: dict, target: float
 
 
 def unfinished_table(runs: pd.DataFrame, teachers: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Runs (and teachers) that are unfinished, failed or missing: never averaged, listed here."""
+    """Runs (and teachers) that are running, failed, interrupted or missing: never averaged,
+    listed here with the epochs they finished and, for failed ones, the error."""
     columns = ["dataset", "pair", "method", "variant", "seed", "status", "epochs", "error", "path"]
     parts = [runs.loc[runs["status"] != "finished", columns]]
     if teachers is not None and not teachers.empty:
@@ -656,10 +675,10 @@ def write_tables(accuracy: pd.DataFrame, epochs: pd.DataFrame, unfinished: pd.Da
     files: dict[str, Path] = {}
     for name, frame in [("accuracy.csv", accuracy), ("epochs_to_target.csv", epochs), ("unfinished.csv", unfinished)]:
         files[name] = out_dir / name
-        frame.to_csv(files[name], index=False)
+        atomic_write(files[name], lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     for name, text in texts.items():
         files[name] = out_dir / name
-        files[name].write_text(text)
+        atomic_write_text(files[name], text)
     return files
 
 
@@ -707,7 +726,7 @@ def plot_accuracy_curves(runs: pd.DataFrame, out_dir: Path, *, teachers: pd.Data
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
         path = out_dir / f"curves_{_safe(dataset)}_{_safe(pair)}.png"
-        fig.savefig(path, dpi=120)
+        _save_png(fig, path)
         paths.append(path)
     return paths
 
@@ -743,8 +762,13 @@ def plot_quality(quality: pd.DataFrame, selected: Sequence[int], path: Path, tit
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_png(fig, path)
     return path
+
+
+def _save_png(fig: Figure, path: Path) -> None:
+    """A plot, written atomically like every other artifact (a killed run leaves no half PNG)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def find_profiles(artifacts: Path, *, datasets: Iterable[str] | None = None) -> list[Path]:

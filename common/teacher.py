@@ -7,6 +7,7 @@ default) or from a live eval-mode forward on the same, possibly augmented, batch
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from common.cache import FeatureCache, epoch_batches
 from common.config import Config, MethodConfig, to_dict
 from common.data import Data
 from common.errors import CacheError
-from common.io import atomic_write_yaml, file_lock, peak_rss_mb, sha256_file, versions
+from common.io import atomic_write_yaml, file_lock, mark_failed, peak_rss_mb, sha256_file, versions
 from common.layers import backbone_and_head_parameters, extract, forward_with_features
 from common.methods import build_distiller, resolve_method
 from common.models import MODELS, create_model
@@ -49,13 +50,19 @@ def build_teacher(cfg: Config, data: Data, pretrained: bool = False) -> nn.Modul
 def ensure_teacher(cfg: Config, data: Data) -> Path:
     """Train the teacher unless a finished one exists; returns the directory holding teacher.pt.
 
-    Locked, so concurrent shell loops that share a teacher train it once.
+    Locked, so concurrent shell loops that share a teacher train it once (`make report` reads
+    the held lock as "running"). A crash leaves `failed` with the error; a finished teacher
+    whose teacher.pt was deleted (the fix for a damaged one) is trained again.
     """
     tdir = artifacts.teacher_dir(cfg, data)
     with file_lock(tdir / ".lock"):
-        if (tdir / "done").exists():
+        if (tdir / "done").exists() and (tdir / WEIGHTS).exists():
             log.info("teacher %s: finished, skipping training (%s)", cfg.teacher.name, tdir)
             return tdir
+        if (tdir / "done").exists():
+            log.info("teacher %s: %s is missing, training the teacher again", cfg.teacher.name, tdir / WEIGHTS)
+            (tdir / "done").unlink()
+        (tdir / "failed").unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
         log.info("teacher %s: training %d epochs -> %s", cfg.teacher.name, cfg.teacher_train.epochs, tdir)
         seed_everything(cfg.teacher_train.seed)
         model = build_teacher(cfg, data, pretrained=True)
@@ -75,18 +82,22 @@ def ensure_teacher(cfg: Config, data: Data) -> Path:
             backbone, head = backbone_and_head_parameters(model)
             groups = [{"params": backbone, "lr": lr * cfg.teacher_train.backbone_lr_mult}, {"params": head, "lr": lr}]
         atomic_write_yaml(tdir / "config.yaml", {**to_dict(cfg), "run": {"kind": "teacher", "versions": versions()}})
-        result = fit(
-            ce,
-            data,
-            cfg.teacher_train,
-            tdir,
-            lr=lr,
-            train_indices=data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed),
-            param_groups=groups,
-            weights_name=WEIGHTS,
-            weights_of=model,
-            desc=f"teacher {cfg.teacher.name}",
-        )
+        try:
+            result = fit(
+                ce,
+                data,
+                cfg.teacher_train,
+                tdir,
+                lr=lr,
+                train_indices=data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed),
+                param_groups=groups,
+                weights_name=WEIGHTS,
+                weights_of=model,
+                desc=f"teacher {cfg.teacher.name}",
+            )
+        except Exception as exc:  # not KeyboardInterrupt/SIGTERM: an interrupted teacher resumes
+            mark_failed(tdir, exc)
+            raise
         log.info(
             "teacher %s: best test accuracy %.2f%% at epoch %d (%.0fs training, peak RSS so far %.0f MiB)",
             cfg.teacher.name, result.best_test_acc, result.best_epoch, float(result.metrics["elapsed_s"].iloc[-1]), peak_rss_mb(),
@@ -97,15 +108,13 @@ def ensure_teacher(cfg: Config, data: Data) -> Path:
 
 def load_teacher(cfg: Config, data: Data, device: torch.device) -> tuple[nn.Module, str]:
     """The finished teacher (best epoch, METHOD 5) in eval mode, and its checkpoint's sha256."""
-    path = artifacts.teacher_dir(cfg, data) / WEIGHTS
-    if not path.exists():
-        raise CacheError(f"no trained teacher at {path}; train it with: make teacher DATASET={cfg.dataset.name} TEACHER={cfg.teacher.name}")
+    path = _checked_weights(cfg, data)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)["best"]
         model = build_teacher(cfg, data)
         model.load_state_dict(state)
     except Exception as exc:
-        raise CacheError(f"teacher checkpoint {path} cannot be loaded ({type(exc).__name__}); delete its directory and retrain") from None
+        raise _damaged(cfg, path, exc) from None
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -114,10 +123,30 @@ def load_teacher(cfg: Config, data: Data, device: torch.device) -> tuple[nn.Modu
 
 def checkpoint_sha(cfg: Config, data: Data) -> str:
     """sha256 of the finished teacher's checkpoint (what every cache of its outputs is keyed by)."""
+    return sha256_file(_checked_weights(cfg, data))
+
+
+def _teacher_command(cfg: Config) -> str:
+    return f"make teacher DATASET={cfg.dataset.name} TEACHER={cfg.teacher.name}"
+
+
+def _checked_weights(cfg: Config, data: Data) -> Path:
+    """teacher.pt, if it exists and is a torch zip archive at all (a cheap look at its central
+    directory): a garbage or truncated file is named as such, not reported as a stale cache."""
     path = artifacts.teacher_dir(cfg, data) / WEIGHTS
     if not path.exists():
-        raise CacheError(f"no trained teacher at {path}; train it with: make teacher DATASET={cfg.dataset.name} TEACHER={cfg.teacher.name}")
-    return sha256_file(path)
+        raise CacheError(f"no trained teacher at {path}; train it with: {_teacher_command(cfg)}")
+    if not zipfile.is_zipfile(path):
+        raise _damaged(cfg, path, ValueError("not a torch checkpoint archive (garbage or truncated)"))
+    return path
+
+
+def _damaged(cfg: Config, path: Path, exc: Exception) -> CacheError:
+    reason = (str(exc).strip().splitlines() or [""])[0][:120]
+    return CacheError(
+        f"teacher checkpoint {path} is damaged ({type(exc).__name__}: {reason}); delete it and retrain "
+        f"the teacher with: {_teacher_command(cfg)}"
+    )
 
 
 class LiveTeacher:
@@ -141,7 +170,11 @@ class LiveTeacher:
 class CachedTeacher:
     """Teacher features/logits gathered from the feature cache by sample index (no teacher forward)."""
 
-    block_size = 4096  # rows per contiguous disk block when the cache does not fit in RAM
+    block_size = 4096  # rows per contiguous disk block
+    # The batch order must not depend on this machine's free memory (a run is fixed by its seed
+    # and config): training rows larger than this are always batched in shuffled contiguous
+    # blocks, smaller ones always at random, whether they are read from RAM or from disk.
+    block_order_bytes = 16 << 30
 
     def __init__(
         self, cache: FeatureCache, layers: list[int], logits: bool, device: torch.device, max_ram_bytes: int, rows: torch.Tensor | None = None
@@ -149,12 +182,18 @@ class CachedTeacher:
         self.cache, self.layers, self.logits, self.device = cache, layers, logits, device
         names = [layer_name(i) for i in layers] + (["logits"] if logits else [])
         # In RAM (only the training rows) when it fits; otherwise batches are block-shuffled so
-        # each reads one or two contiguous disk regions.
+        # each reads one or two contiguous disk regions. Either way every dataset is checked
+        # against its checksum before training starts (`load` checks what it reads).
         self.from_disk = not cache.load(names, max_ram_bytes, rows=rows)
+        if self.from_disk:
+            cache.verify(names)
+        n_rows = cache.n if rows is None else int(torch.unique(rows).numel())
+        self.block_order = sum(cache.nbytes(n) // max(1, cache.n) for n in names) * n_rows > self.block_order_bytes
 
     def batch_order(self, indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-        """Random batches from RAM; from disk, shuffled blocks of contiguous file rows."""
-        if not self.from_disk:
+        """Random batches; for a cache too large for random reads from disk, shuffled blocks of
+        contiguous file rows (each batch reads one or two regions)."""
+        if not self.block_order:
             return epoch_batches(indices, batch_size, generator)
         return epoch_batches(indices, batch_size, generator, block_size=self.block_size, file_rows=self.cache.rows_of(indices))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -55,6 +56,10 @@ class Trainable(Protocol):
         ...
 
 
+# Set to 1 to make CUDA runs repeat exactly (see `set_deterministic`); the CPU needs nothing.
+DETERMINISTIC_ENV = "KD_DETERMINISTIC"
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA); on the CPU this fixes a run's result."""
     random.seed(seed)
@@ -62,7 +67,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def deterministic_requested() -> bool:
+    return os.environ.get(DETERMINISTIC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_deterministic() -> None:
+    """Deterministic GPU kernels: the same seed then gives the same numbers run after run.
+
+    On the CPU a run is already fixed by its seed (for one torch build and thread count). On a
+    GPU, cuDNN's autotuner may pick other convolution algorithms per run, and kernels that
+    accumulate with atomics (index_add_, scatter_add_, some convolution backward passes) sum in
+    a varying order; this turns both off. cuBLAS needs a fixed workspace, read when its handle is
+    created, so the variable is set before the first CUDA matmul. `warn_only`: an op without a
+    deterministic kernel warns instead of stopping a long run.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def resolve_device(name: str) -> torch.device:
+    """The torch device for a config's `device` value; applies KD_DETERMINISTIC=1 first."""
+    if deterministic_requested():  # every stage picks its device before its first CUDA call
+        set_deterministic()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -150,8 +178,11 @@ def fit(
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         rows, best, elapsed = ckpt["rows"], ckpt["best"], ckpt["elapsed"]
         start_epoch = ckpt["epoch"] + 1
+        log.info("%s: resuming after epoch %d from %s", desc or "run", ckpt["epoch"], ckpt_path)
 
     train_images, train_labels = data.train.images, data.train.labels
     has_val = len(data.val_indices) > 0
@@ -178,11 +209,7 @@ def fit(
                 logits, losses = model.forward_train(x, y, t_feats, t_logits)  # type: ignore[operator]
             loss = sum(losses.values())
             if not torch.isfinite(loss):
-                terms = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
-                raise TrainingError(
-                    f"loss is not finite at epoch {epoch} step {step + 1} ({terms}); the last good checkpoint "
-                    f"(epoch {start_epoch - 1 if not rows else rows[-1]['epoch']}) is kept in {run_dir}; lower train.lr or check the inputs"
-                )
+                raise _not_finite(f"loss is not finite at epoch {epoch}, step {step + 1} of {len(batches)}", losses, rows, run_dir)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -195,6 +222,8 @@ def fit(
             if not bar.disable and step % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
         epoch_time = time.perf_counter() - tic
+        if not _finite_state(model):  # the last step made the weights inf/NaN: never checkpoint them
+            raise _not_finite(f"the weights are not finite after the last step of epoch {epoch} (step {len(batches)})", losses, rows, run_dir)
         elapsed += epoch_time
         totals = {k: float(v) for k, v in sums.items()}
         row: dict[str, float] = {"epoch": epoch, "train_loss": sum(totals.values()) / len(batches)}
@@ -222,6 +251,7 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                 "rows": rows,
                 "best": best,
                 "elapsed": elapsed,
@@ -253,7 +283,12 @@ def fit(
 
 
 def finish(run_dir: Path, result: FitResult) -> None:
-    """Mark a run finished: summary.yaml, drop the resume checkpoint, then write `done` last."""
+    """Mark a run finished: summary.yaml, then `done`, then drop the resume checkpoint.
+
+    `done` comes before the checkpoint's removal: a run killed in between is finished and keeps
+    a stale checkpoint (harmless: finished runs are skipped), never unfinished without a
+    checkpoint, which would train it again from epoch 1.
+    """
     atomic_write_yaml(
         run_dir / "summary.yaml",
         {
@@ -264,9 +299,25 @@ def finish(run_dir: Path, result: FitResult) -> None:
             "train_time_s": float(result.metrics["elapsed_s"].iloc[-1]),
         },
     )
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
     (run_dir / "failed").unlink(missing_ok=True)
     atomic_write_text(run_dir / "done", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+def _not_finite(what: str, losses: dict[str, torch.Tensor], rows: list[dict[str, float]], run_dir: Path) -> TrainingError:
+    """The NaN stop's one line: where, each loss term (named as in metrics.csv), what is kept."""
+    terms = ", ".join(f"loss_{k}={float(v.detach()):.4g}" for k, v in losses.items())
+    kept = (
+        f"the last good checkpoint, epoch {int(rows[-1]['epoch'])}, is kept in {run_dir}"
+        if rows
+        else f"no epoch finished, so {run_dir} holds no checkpoint"
+    )
+    return TrainingError(f"{what} ({terms}); {kept}; lower train.lr or check the inputs")
+
+
+def _finite_state(model: nn.Module) -> bool:
+    """Every floating parameter and buffer (BatchNorm statistics too) is finite; one check per epoch."""
+    return all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

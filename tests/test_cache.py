@@ -321,7 +321,7 @@ def test_a_cache_of_some_rows_is_addressed_by_training_position(tmp_path: Path, 
             cache.gather("labels", torch.tensor([int(positions[0]), absent]))
 
 
-def test_disk_batches_mix_classes_even_when_the_split_is_stored_class_by_class(tmp_path: Path) -> None:
+def test_disk_batches_mix_classes_even_when_the_split_is_stored_class_by_class(tmp_path: Path, monkeypatch) -> None:
     """Tiny ImageNet stores its training images class by class: position // 200 is the class here.
     Rows stored in `storage_order` make disk-block batches as mixed as random ones."""
     from common.teacher import CachedTeacher
@@ -332,10 +332,11 @@ def test_disk_batches_mix_classes_even_when_the_split_is_stored_class_by_class(t
     path = tmp_path / "c.h5"
     write_h5(path, {}, n, {"positions": (), "layer_0": ()}, {"positions": "int64", "layer_0": "float32"},
              [{"positions": positions, "layer_0": labels.float()}])
+    monkeypatch.setattr(CachedTeacher, "block_order_bytes", 0)  # as for a cache too large for random reads
+    monkeypatch.setattr(CachedTeacher, "block_size", 128)
     with FeatureCache(path) as cache:
         source = CachedTeacher(cache, [0], False, torch.device("cpu"), max_ram_bytes=0)
-        source.block_size = 128
-        assert source.from_disk
+        assert source.from_disk and source.block_order
         batches = source.batch_order(torch.arange(n), batch, torch.Generator().manual_seed(0))
         mixed = sum(len(set((b // (n // classes)).tolist())) for b in batches) / len(batches)
         feats, _ = source.batch(batches[0], torch.empty(0))
@@ -348,3 +349,18 @@ def test_disk_batches_mix_classes_even_when_the_split_is_stored_class_by_class(t
     clumped = sum(len(set((b // (n // classes)).tolist())) for b in sorted_order) / len(sorted_order)
     assert clumped <= 2.0 and mixed >= 8.0  # 32 draws of 10 classes give ~9.7 distinct on average
     assert max(blocks) <= 2  # each batch still reads at most two contiguous regions of the file
+
+
+def test_batch_order_does_not_depend_on_free_memory(tmp_path: Path) -> None:
+    """The same seed gives the same batches whether the cache went to RAM or stays on disk."""
+    from common.teacher import CachedTeacher
+
+    data, path = make_data(), tmp_path / "f.h5"
+    write(path, data)
+    orders = []
+    for ram in (1 << 30, 0):
+        with FeatureCache(path) as cache:
+            source = CachedTeacher(cache, [3], True, torch.device("cpu"), max_ram_bytes=ram)
+            assert source.from_disk == (ram == 0)
+            orders.append(torch.cat(source.batch_order(torch.arange(N), 8, torch.Generator().manual_seed(5))))
+    assert torch.equal(orders[0], orders[1])

@@ -88,7 +88,7 @@ def test_find_runs_statuses_missing_seeds_and_filters(tmp_path: Path) -> None:
     runs = report.find_runs(tmp_path)
     fm = runs[runs["dataset"] == "fashion_mnist"]
     status = {(r.method, r.seed): r.status for r in fm.itertuples()}
-    assert status == {("ce", 0): "finished", ("ce", 1): "unfinished", ("ce", 2): "missing", ("kd", 0): "failed"}
+    assert status == {("ce", 0): "finished", ("ce", 1): "interrupted", ("ce", 2): "missing", ("kd", 0): "failed"}
     failed = row(fm, "kd")
     assert "loss is NaN" in failed["error"]
     first = row(fm, "ce", seed=0)
@@ -122,7 +122,7 @@ def test_accuracy_mean_population_std_gain_and_exclusions(tmp_path: Path) -> Non
     assert teacher["best_mean"] == 93.5 and teacher["gain_best"] == pytest.approx(93.5 - 81)
     assert list(table["method"]) == ["teacher", "ce", "ours"]
     unfinished = report.unfinished_table(runs)
-    assert set(zip(unfinished["seed"], unfinished["status"])) == {(2, "unfinished"), (3, "failed")}
+    assert set(zip(unfinished["seed"], unfinished["status"])) == {(2, "interrupted"), (3, "failed")}
 
 
 def test_gain_uses_ce_variant_with_matching_train_section(tmp_path: Path) -> None:
@@ -273,9 +273,9 @@ def test_run_end_to_end_and_errors(tmp_path: Path) -> None:
     pd.DataFrame({"epoch": [1], "test_acc": [99.0]}).to_csv(stale / "metrics.csv", index=False)
     full = report.run(arts, tmp_path / "report2")
     assert list(zip(full["unfinished"]["method"], full["unfinished"]["status"])) == [
-        ("kd", "unfinished"), ("teacher", "unfinished")]
+        ("kd", "interrupted"), ("teacher", "interrupted")]
     assert list(full["accuracy"].loc[full["accuracy"]["method"] == "teacher", "best_mean"]) == [85.0]
-    assert "unfinished" in (tmp_path / "report2" / "unfinished.md").read_text()
+    assert "interrupted" in (tmp_path / "report2" / "unfinished.md").read_text()
     with pytest.raises(DataError, match="not found"):
         report.run(tmp_path / "nowhere", tmp_path / "x")
     with pytest.raises(DataError, match="available datasets: fashion_mnist"):
