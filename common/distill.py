@@ -164,7 +164,7 @@ def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int]
         raise ConfigError("train.augment=true needs the live teacher (cached features would be stale); set train.teacher_source=live or auto")
     # ensure_features refuses a cache of another checkpoint or other data (stage 1 rebuilds it).
     rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
-    cache = FeatureCache(profile.ensure_features(cfg, data, layers, rows), rebuild_hint=profile._rebuild_hint(cfg))
+    cache = FeatureCache(profile.ensure_features(cfg, data, layers, rows), rebuild_hint=profile.rebuild_hint(cfg))
     return CachedTeacher(cache, layers, logits, device, ram_budget(), rows=rows)
 
 

@@ -192,7 +192,7 @@ def load_manifest(cfg: Config, data: Data) -> Manifest | None:
     try:
         return Manifest(pdir, yaml.safe_load(path.read_text()))
     except (yaml.YAMLError, OSError) as exc:
-        raise CacheError(f"{path} cannot be read ({type(exc).__name__}); delete it and rerun: {_rebuild_hint(cfg)}") from None
+        raise CacheError(f"{path} cannot be read ({type(exc).__name__}); delete it and rerun: {rebuild_hint(cfg)}") from None
 
 
 def manifest_for(cfg: Config, data: Data) -> Manifest:
@@ -211,10 +211,10 @@ def ensure_features(cfg: Config, data: Data, layers: list[int], rows: torch.Tens
     device = resolve_device(cfg.profile.device)
     path = features_path(cfg, data)
     if path.exists():  # the common case: nothing to add, no teacher to load
-        with FeatureCache(path, rebuild_hint=_rebuild_hint(cfg)) as cache:
+        with FeatureCache(path, rebuild_hint=rebuild_hint(cfg)) as cache:
             if set(cache.meta.get("layers", [])) >= set(layers) and cache.covers(rows):
                 teacher_sha = checkpoint_sha(cfg, data)
-                cache.check(_expected_meta(cfg, data, teacher_sha), rebuild_hint=_rebuild_hint(cfg))
+                cache.check(_expected_meta(cfg, data, teacher_sha), rebuild_hint=rebuild_hint(cfg))
                 _check_shapes(cache, cfg, data, layers, layer_shapes(cfg, data))
                 return path  # the datasets' checksums are checked when stage 2 reads them
     teacher, teacher_sha = load_teacher(cfg, data, device)
@@ -428,7 +428,7 @@ def _check_shapes(cache: FeatureCache, cfg: Config, data: Data, layers: list[int
         if have != want:
             raise CacheError(
                 f"{cache.path}: cache field '{name}' has rows of shape {'x'.join(map(str, have))}, the teacher "
-                f"gives {'x'.join(map(str, want))}; {_rebuild_hint(cfg)}"
+                f"gives {'x'.join(map(str, want))}; {rebuild_hint(cfg)}"
             )
 
 
@@ -459,8 +459,8 @@ def _ensure_features(
         extend_only = False
         if path.exists():
             try:
-                with FeatureCache(path, rebuild_hint=_rebuild_hint(cfg)) as cache:
-                    cache.check(_expected_meta(cfg, data, teacher_sha), rebuild_hint=_rebuild_hint(cfg))
+                with FeatureCache(path, rebuild_hint=rebuild_hint(cfg)) as cache:
+                    cache.check(_expected_meta(cfg, data, teacher_sha), rebuild_hint=rebuild_hint(cfg))
                     _check_shapes(cache, cfg, data, list(cache.meta.get("layers", [])), all_shapes)
                     cache.verify()  # silent corruption: a flipped byte no metadata check sees
                     have = list(cache.meta.get("layers", []))
@@ -536,5 +536,5 @@ def _read_yaml(path: Path) -> dict:
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
-def _rebuild_hint(cfg: Config) -> str:
+def rebuild_hint(cfg: Config) -> str:
     return f"rebuild it with: make profile DATASET={cfg.dataset.name} TEACHER={cfg.teacher.name}"
