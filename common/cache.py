@@ -40,20 +40,18 @@ import torch
 from tqdm import tqdm
 
 from common.errors import CacheError, ConfigError
-from common.io import disk_full_error, is_disk_full, pid_alive, remove_stale_tmp, tmp_path
+from common.io import disk_full_error, is_disk_full, remove_stale_tmp, tmp_path
 
 FORMAT_VERSION = 2  # 2: per-dataset crc32 attributes
 CHECKSUM = "crc32"  # dataset attribute: zlib.crc32 of the dataset's bytes in row order
 VERIFY_BLOCK_BYTES = 64 << 20  # bytes read per step of a streaming `verify` pass (bounded memory)
-POSITIONS = "positions"  # dataset: training-split position of each row (sorted)
+POSITIONS = "positions"  # dataset: training-split position of each row (rows in storage_order)
 DEFAULT_REBUILD_HINT = "rerun stage 1 (stage1_profile_teacher.py)"
 # A sorted gather reads one slice instead of a point selection when the rows fill at least this
 # share of their span (measured: a slice wins only for nearly contiguous rows).
 SLICE_FILL = 0.8
 
 
-# One temp-file scheme for every artifact writer (common/io.py): `.<name>.<host>.<pid>.tmp`.
-_tmp_path, _pid_alive, _remove_stale_tmp = tmp_path, pid_alive, remove_stale_tmp
 
 
 def _fsync(path: Path) -> None:
@@ -122,7 +120,7 @@ def write_h5(
     same directory, `complete=True` is set last, then it is fsynced and renamed onto `path`: a
     killed run leaves the old file (or none); its temp file is removed on any exception (SIGTERM
     is one, see common.cli) or, after a SIGKILL, by the next write. Each dataset gets the CRC-32
-    of its bytes (attribute `crc32`). A full disk is a DiskFullError (common.io).
+    of its bytes (attribute `crc32`). A full disk is a DiskFullError.
 
     copy_from: a valid cache with the same n whose datasets not in `shapes` are copied over
     (extends a cache with more layers without recomputing the old ones; may equal `path`).
@@ -136,8 +134,8 @@ def write_h5(
     if bad:
         raise ValueError(f"dataset names must be non-empty and contain no '/': {bad}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(path)
-    tmp = _tmp_path(path)
+    remove_stale_tmp(path)  # one temp-file scheme for every writer (common/io.py)
+    tmp = tmp_path(path)
     try:
         with h5py.File(tmp, "w") as out:
             if copy_from is not None:

@@ -24,3 +24,7 @@ class CacheError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on (e.g. a NaN loss); the last good checkpoint is kept."""
+
+
+class DiskFullError(UserError):
+    """A write ran out of disk space; its temp file is removed and the old artifact kept."""

@@ -24,15 +24,11 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from common.errors import UserError
+from common.errors import DiskFullError, UserError
 
 # A torch.save or HDF5 write that fails this close to a full disk is taken for a full disk
 # (torch reports ENOSPC only as "unexpected pos ..."; by then the temp file has taken the rest).
 _NEARLY_FULL_BYTES = 16 << 20
-
-
-class DiskFullError(UserError):
-    """A write ran out of disk space; its temp file is removed and the old artifact kept."""
 
 
 def tmp_path(path: Path) -> Path:

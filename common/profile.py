@@ -25,6 +25,7 @@ method's layer word into indices with `Manifest.teacher_layers`.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -42,11 +43,11 @@ from common.data import Data, load_data
 from common.errors import CacheError, ConfigError, DataError
 from common.io import atomic_write, atomic_write_text, atomic_write_yaml, code_version, file_lock, io_written_mb, peak_rss_mb, versions
 from common.layers import LayerInfo, extract, forward_with_features, layer_table, resolve_layers
-from common.models import MODELS
+from common.models import MODELS, create_model
 from common.quality import CRITERIA, draw_subsets, select_layers
 from common.quality_stream import stream_layer_stats
 from common.report import plot_quality
-from common.teacher import build_teacher, checkpoint_sha, ensure_teacher, layer_name, load_teacher
+from common.teacher import checkpoint_sha, ensure_teacher, layer_name, load_teacher
 from common.train import resolve_device
 
 log = logging.getLogger("kd")
@@ -124,9 +125,19 @@ def layer_shapes(cfg: Config, data: Data) -> dict[int, tuple[int, ...]]:
     return {t.index: t.shape for t in _teacher_layers(cfg, data)}
 
 
-def _teacher_layers(cfg: Config, data: Data) -> list[LayerInfo]:
+def _teacher_layers(cfg: Config, data: Data) -> tuple[LayerInfo, ...]:
     """The teacher's generalized layers with their shapes, from one dummy forward of an untrained copy."""
-    return layer_table(build_teacher(cfg, data), (data.in_channels, data.image_size, data.image_size))
+    return _layer_table(cfg.teacher.name, cfg.teacher.width, data.num_classes, data.in_channels, data.image_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _layer_table(name: str, width: float, num_classes: int, in_channels: int, image_size: int) -> tuple[LayerInfo, ...]:
+    """Cached: a stage asks for the table several times (validation, S/I/E/Q, the cache, the
+    manifest), and a full-width model costs a build and a forward each time. The build draws
+    its random init from a forked RNG, so asking never changes a seeded run."""
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
+        return tuple(layer_table(model, (in_channels, image_size, image_size)))
 
 
 def cache_identity(teacher_sha: str, data: Data) -> dict[str, str]:

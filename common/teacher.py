@@ -181,9 +181,9 @@ class CachedTeacher:
     ) -> None:
         self.cache, self.layers, self.logits, self.device = cache, layers, logits, device
         names = [layer_name(i) for i in layers] + (["logits"] if logits else [])
-        # In RAM (only the training rows) when it fits; otherwise batches are block-shuffled so
-        # each reads one or two contiguous disk regions. Either way every dataset is checked
-        # against its checksum before training starts (`load` checks what it reads).
+        # In RAM (only the training rows) when they fit, else read from disk; either way every
+        # dataset is checked against its checksum before training starts (`load` checks what it
+        # reads). Where the rows live never changes the batch order (`block_order`).
         self.from_disk = not cache.load(names, max_ram_bytes, rows=rows)
         if self.from_disk:
             cache.verify(names)

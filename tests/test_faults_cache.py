@@ -31,8 +31,8 @@ from common import artifacts, distill, profile, report
 from common.cache import CHECKSUM, FeatureCache, write_h5
 from common.config import Config, load_config
 from common.data import Data, load_data
-from common.errors import CacheError
-from common.io import DiskFullError, atomic_torch_save, atomic_write_text, file_lock
+from common.errors import CacheError, DiskFullError
+from common.io import atomic_torch_save, atomic_write_text, file_lock
 from common.teacher import ensure_teacher, load_teacher
 from tests.fakedata import make_fashion_mnist
 
