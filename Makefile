@@ -2,6 +2,7 @@
 # Every target takes the same variables, e.g.
 #   make distill CONFIG=configs/cifar10.yaml TEACHER=resnet34 STUDENT=resnet9 METHOD=ours SEEDS="0 1 2"
 #   make profile DATASET=fashion_mnist TEACHER=resnet34 ARGS="profile.k=4 teacher.width=0.5"
+#   make distill CONFIG=configs/cifar100.yaml METHOD=ours NPROC=4   (one run on 4 GPUs: torchrun + DDP)
 PY       ?= .venv/bin/python
 CONFIG   ?= configs/default.yaml
 DATASET  ?=
@@ -12,6 +13,7 @@ METHOD   ?=
 SEEDS    ?=
 ARGS     ?=
 ARTIFACTS ?= artifacts
+NPROC    ?= 1
 
 COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
   $(if $(DATASET),--dataset $(DATASET)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
@@ -39,8 +41,10 @@ layers: setup
 profile: setup
 	$(PY) stage1_profile_teacher.py $(COMMON) $(ARGS)
 
+# NPROC > 1: torchrun starts NPROC ranks of one run (DDP; train.batch_size stays the global batch).
+STAGE2 = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PY))
 distill: setup
-	$(PY) stage2_distill.py $(COMMON) $(STUDENT_ARGS) $(if $(METHOD),--method $(METHOD)) $(ARGS)
+	$(STAGE2) stage2_distill.py $(COMMON) $(STUDENT_ARGS) $(if $(METHOD),--method $(METHOD)) $(ARGS)
 
 report: setup
 	$(PY) stage3_evaluate.py --artifacts $(ARTIFACTS) $(if $(DATASET),--dataset $(DATASET)) $(REPORT_ARGS)

@@ -7,8 +7,12 @@ or profile is built first (stage 1), under a lock, so shell loops over pairs can
 Examples:
   python stage2_distill.py --config configs/demo.yaml --method ours --seeds "0 1 2"
   python stage2_distill.py --teacher resnet34 --student resnet9 --method kd train.epochs=5
+  torchrun --standalone --nproc_per_node=4 stage2_distill.py --config configs/cifar100.yaml --method ours
+    (one run on 4 GPUs with DDP; train.batch_size stays the global batch; `make distill NPROC=4`)
 """
 from __future__ import annotations
+
+import logging
 
 from common import cli
 
@@ -30,9 +34,18 @@ def body() -> int:
         return 0
     cfg = cli.build_config(args, {"student": "student.name", "method": "method.name"})  # --seeds too
 
+    from common import distributed
     from common.distill import run  # checks the whole config before any work
 
-    results = run(cfg, restart=args.restart)
+    ranks = distributed.from_env()  # torchrun --nproc_per_node=N: one run on N processes
+    if not ranks.is_main:
+        logging.getLogger("kd").setLevel(logging.WARNING)  # rank 0 reports for all
+    try:
+        results = run(cfg, restart=args.restart, ranks=ranks)
+    finally:
+        distributed.finish()
+    if not ranks.is_main:
+        return 0
     for r in results:
         state = "skipped (finished)" if r.skipped else f"best test accuracy {r.best_test_acc:.2f}%"
         print(f"seed {r.seed}: {state}  {r.dir}")

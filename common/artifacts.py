@@ -31,8 +31,21 @@ from common.errors import ConfigError
 _RUNTIME_ONLY = ("progress", "device", "eval_batch_size", "teacher_source", "seed")
 
 
+# Settings read only by one optimizer or one schedule: left out of the key of the others.
+_ONLY_FOR = {"momentum": ("optimizer", "sgd"), "pct_start": ("schedule", "onecycle"), "milestones": ("schedule", "multistep"), "gamma": ("schedule", "multistep")}
+# Keys added after artifacts existed, left out at these values so finished runs keep their directory.
+_ADDED_DEFAULTS = {"optimizer": "adamw", "schedule": "onecycle"}
+
+
 def _train_key(train: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(train).items() if k not in _RUNTIME_ONLY}
+    key = {k: v for k, v in dataclasses.asdict(train).items() if k not in _RUNTIME_ONLY}
+    for name, (switch, value) in _ONLY_FOR.items():
+        if key[switch] != value:
+            del key[name]
+    for name, default in _ADDED_DEFAULTS.items():
+        if key[name] == default:
+            del key[name]
+    return key
 
 
 def dataset_key(cfg: Config, data: Data) -> dict[str, Any]:

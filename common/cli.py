@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -80,6 +81,11 @@ def install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def _rank_tag() -> str:
+    """' (rank N)' under torchrun, where every rank prints its own error line; '' otherwise."""
+    return f" (rank {os.environ.get('RANK', '0')})" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+
+
 def main(body: Callable[[], int | None]) -> None:
     """Run a stage: user errors become one `error:` line and exit code 2; Ctrl-C (130) and
     SIGTERM (143) one `interrupted:` line after the writers removed their temp files."""
@@ -88,7 +94,7 @@ def main(body: Callable[[], int | None]) -> None:
     try:
         code = body()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{_rank_tag()}: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as exc:
         how, status = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("Ctrl-C", 130)

@@ -46,13 +46,19 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run: AdamW + OneCycle stepped per batch (METHOD 5, 8.7, section 0 item 6)."""
+    """One training run: AdamW + OneCycle stepped per batch (METHOD 5, 8.7, section 0 item 6),
+    or the reference's "+240E" SGD + MultiStep recipe (METHOD 8.7, 9; configs/*_240e.yaml)."""
 
     epochs: int = 50
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: under torchrun each rank takes batch_size / ranks
     lr: float | None = None  # peak LR; None: the model's reference value for the method (8.7)
     weight_decay: float = 0.01
-    pct_start: float = 0.3
+    optimizer: str = "adamw"  # adamw | sgd (momentum below, Nesterov off, as the reference)
+    momentum: float = 0.9  # sgd only
+    schedule: str = "onecycle"  # onecycle (stepped per batch) | multistep (x gamma after each milestone epoch)
+    pct_start: float = 0.3  # onecycle only
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])  # multistep only: epochs after which the LR drops
+    gamma: float = 0.1  # multistep only
     backbone_lr_mult: float = 0.01  # pretrained models only: backbone group LR factor (METHOD 5)
     train_subset: int | None = None  # class-balanced subset of the training images (seeded)
     augment: bool = False  # per-sample random crop (pad 4) + horizontal flip
@@ -284,6 +290,8 @@ def _type_name(tp: Any) -> str:
 
 CACHE_DTYPES = ("float16", "float32")
 TEACHER_SOURCES = ("auto", "cache", "live")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("onecycle", "multistep")
 
 
 def validate_config(cfg: Config) -> None:
@@ -347,6 +355,14 @@ def _check_train(where: str, t: TrainConfig) -> None:
         _finite(f"{where}.lr", t.lr, 0.0, strict=True, hint=", e.g. 0.01, or leave it empty for the model's reference LR")
     _finite(f"{where}.weight_decay", t.weight_decay, 0.0, strict=False)
     _finite(f"{where}.pct_start", t.pct_start, 0.0, strict=True, high=1.0, hint=", e.g. 0.3 (the share of steps that warm up)")
+    _require(t.optimizer in OPTIMIZERS, f"{where}.optimizer is '{t.optimizer}'; use one of {', '.join(OPTIMIZERS)}")
+    _require(t.schedule in SCHEDULES, f"{where}.schedule is '{t.schedule}'; use one of {', '.join(SCHEDULES)}")
+    _finite(f"{where}.momentum", t.momentum, 0.0, strict=False, high=1.0, hint=", e.g. 0.9")
+    _finite(f"{where}.gamma", t.gamma, 0.0, strict=True, hint=", e.g. 0.1 (the LR factor at each milestone)")
+    _require(
+        all(m >= 1 for m in t.milestones) and t.milestones == sorted(set(t.milestones)),
+        f"{where}.milestones={t.milestones} is not allowed; give increasing epochs >= 1, e.g. [150,180,210]",
+    )
     _finite(f"{where}.backbone_lr_mult", t.backbone_lr_mult, 0.0, strict=False)
     _positive_int(f"{where}.train_subset", t.train_subset, " (a number of training images)", optional=True)
     _require(t.device.strip() != "", f"{where}.device is empty; use auto, cpu, cuda or cuda:N")

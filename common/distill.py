@@ -6,18 +6,21 @@ interrupted ones resumed from their checkpoint, failed ones marked with a `faile
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from common import artifacts
+from common import artifacts, distributed
 from common.cache import FeatureCache
 from common.checks import load_checked
 from common.config import Config, to_dict
 from common.data import Data
+from common.distributed import SINGLE, Ranks
 from common.errors import ConfigError
 from common.io import atomic_write_yaml, file_lock, mark_failed, versions
 from common.layers import resolve_layers
@@ -60,6 +63,8 @@ def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int],
 def check_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int] | str, list[int]]:
     """The layer lists of `resolve_pairs`, checked without reading or building the profile:
     indices in range and listed once, as many teacher as student layers for a one-to-one mapping.
+    Explicit lists keep the order given: one-to-one pairs the i-th teacher layer with the i-th
+    student layer, so [15, 14, 13, 12] against [1, 3, 5, 7] is the reversed map.
 
     Returns the teacher layers (indices, or the profile word to read from the manifest) and the
     student layers.
@@ -71,14 +76,14 @@ def check_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int] | 
     if spec.student_layers == "baseline":
         student_layers = list(MODELS.get(cfg.student.name).baseline_layers)
     else:
-        student_layers = sorted(resolve_layers(spec.student_layers, n_student, "student layer"))
+        student_layers = resolve_layers(spec.student_layers, n_student, "student layer")
         _once("method.student_layers", spec.student_layers, student_layers)
     from_profile = isinstance(spec.teacher_layers, str) and spec.teacher_layers != "baseline"
     teacher_layers: list[int] = []
     if spec.teacher_layers == "baseline":
         teacher_layers = list(MODELS.get(cfg.teacher.name).baseline_layers)
     elif not from_profile:
-        teacher_layers = sorted(resolve_layers(spec.teacher_layers, n_teacher, "teacher layer"))
+        teacher_layers = resolve_layers(spec.teacher_layers, n_teacher, "teacher layer")
         _once("method.teacher_layers", spec.teacher_layers, teacher_layers)
     if from_profile:
         profile.validate(cfg, n_teacher)
@@ -101,15 +106,22 @@ def _once(key: str, given: object, resolved: list[int]) -> None:
         raise ConfigError(f"{key}={list(given)} names a layer twice; list each layer once")
 
 
-def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data: Data | None = None) -> list[RunResult]:
+def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data: Data | None = None, ranks: Ranks = SINGLE) -> list[RunResult]:
     """Train one student per seed (skipping finished runs); returns what happened per seed.
 
     Unfinished runs resume from their checkpoint unless `restart`, which starts them over. The
     whole config is checked first (common.checks, then the layer pairing in `resolve_pairs`),
     before a teacher or profile is built or a directory is made.
+
+    Under torchrun (`ranks`, see common/distributed.py) every rank calls this: the teacher and
+    profile are built once under their file locks (the other ranks wait there), rank 0 takes
+    each run's lock and decides skip / restart for all, every rank trains its shard, rank 0 writes.
     """
     seeds = list(seeds if seeds is not None else cfg.seeds)
     data = load_checked(cfg, data)
+    distributed.local_batch_size(cfg.train.batch_size, ranks)  # a batch that does not split is a config error, checked first
+    device = distributed.device_for(ranks, resolve_device(cfg.train.device))
+    distributed.init(ranks, device)
     spec = resolve_method(cfg.method)
     method = dataclasses.asdict(spec)
     needs_teacher = uses_teacher(spec)
@@ -119,7 +131,7 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
         teacher_layers, student_layers = resolve_pairs(cfg, spec, data)  # checks lists before training
     use = artifacts.teacher_use(teacher_layers, cfg.profile.cache_dtype) if needs_teacher else None
     dirs = {s: artifacts.run_dir(cfg, data, method, use, s) for s in seeds}
-    todo = [s for s in seeds if not (dirs[s] / "done").exists()]
+    todo = distributed.broadcast([s for s in seeds if not (dirs[s] / "done").exists()], ranks)  # one list for all ranks
     for s in sorted(set(seeds) - set(todo)):
         log.info("distill %s seed %d: finished, skipping (%s)", spec.name, s, dirs[s])
     results = [RunResult(s, dirs[s], True) for s in seeds if s not in todo]
@@ -127,30 +139,41 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
         return results
 
     teacher_shapes: dict[int, tuple[int, ...]] = {}
-    device = resolve_device(cfg.train.device)
     if needs_teacher:
         ensure_teacher(cfg, data)
         all_shapes = layer_shapes(cfg, data)
         teacher_shapes = {i: all_shapes[i] for i in teacher_layers}
         log.info("distill %s: teacher layers %s -> student layers %s", spec.name, teacher_layers, student_layers)
 
-    source = _teacher_source(cfg, data, spec, teacher_layers, device) if needs_teacher else None
+    source = _teacher_source(cfg, data, spec, teacher_layers, device, ranks) if needs_teacher else None
     teacher_model = load_teacher(cfg, data, device)[0] if spec.teacher_head else None
     for seed in todo:
         rdir = dirs[seed]
-        with file_lock(rdir / ".lock"):
-            if (rdir / "done").exists():  # another process finished it while we waited
+        with _run_lock(rdir, ranks):
+            if distributed.broadcast((rdir / "done").exists(), ranks):  # another process finished it while we waited
                 results.append(RunResult(seed, rdir, True))
                 continue
-            if restart and (rdir / CHECKPOINT).exists():
+            if restart and ranks.is_main and (rdir / CHECKPOINT).exists():
                 log.info("distill %s seed %d: --restart, discarding the checkpoint in %s", spec.name, seed, rdir)
                 (rdir / CHECKPOINT).unlink()
-            result = _train_one(cfg, data, spec, seed, rdir, teacher_layers, student_layers, teacher_shapes, source, teacher_model)
+            distributed.barrier(ranks)  # no rank reads a checkpoint that --restart is removing
+            result = _train_one(cfg, data, spec, seed, rdir, teacher_layers, student_layers, teacher_shapes, source, teacher_model, ranks)
             results.append(result)
     return sorted(results, key=lambda r: r.seed)
 
 
-def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int], device: torch.device) -> TeacherSource:
+@contextlib.contextmanager
+def _run_lock(rdir: Path, ranks: Ranks) -> Iterator[None]:
+    """The run directory's lock, held by rank 0 alone for all ranks of a torchrun job (the
+    others would wait on it forever while rank 0 waits for them in the first collective)."""
+    if not ranks.is_main:
+        yield
+        return
+    with file_lock(rdir / ".lock"):
+        yield
+
+
+def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int], device: torch.device, ranks: Ranks = SINGLE) -> TeacherSource:
     source = cfg.train.teacher_source
     if source == "auto":
         source = "live" if cfg.train.augment else "cache"
@@ -165,7 +188,8 @@ def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int]
     # ensure_features refuses a cache of another checkpoint or other data (stage 1 rebuilds it).
     rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
     cache = FeatureCache(profile.ensure_features(cfg, data, layers, rows), rebuild_hint=profile.rebuild_hint(cfg))
-    return CachedTeacher(cache, layers, logits, device, ram_budget(), rows=rows)
+    # Under torchrun a rank holds only its shard's rows, and shares the memory with the others on its node.
+    return CachedTeacher(cache, layers, logits, device, ram_budget() // ranks.local_world, rows=distributed.shard(rows, ranks))
 
 
 def _train_one(
@@ -179,6 +203,7 @@ def _train_one(
     teacher_shapes: dict[int, tuple[int, ...]],
     source: TeacherSource | None,
     teacher_model: torch.nn.Module | None,
+    ranks: Ranks = SINGLE,
 ) -> RunResult:
     train_cfg = dataclasses.replace(cfg.train, seed=seed)
     resolved = {
@@ -193,10 +218,12 @@ def _train_one(
             "teacher_layers": teacher_layers,
             "student_layers": student_layers,
             "versions": versions(),
+            "ranks": ranks.world,
         },
     }
-    atomic_write_yaml(rdir / "config.yaml", resolved)
-    log.info("distill %s seed %d -> %s", spec.name, seed, rdir)
+    if ranks.is_main:
+        atomic_write_yaml(rdir / "config.yaml", resolved)
+        log.info("distill %s seed %d -> %s", spec.name, seed, rdir)
     seed_everything(seed)
     student = create_model(
         cfg.student.name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, width=cfg.student.width
@@ -214,7 +241,8 @@ def _train_one(
     )
     model_spec = MODELS.get(cfg.student.name)
     lr = train_cfg.lr if train_cfg.lr is not None else (model_spec.lr_ce if spec.name == "ce" else model_spec.lr_kd)
-    (rdir / "failed").unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
+    if ranks.is_main:
+        (rdir / "failed").unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
     try:
         result = fit(
             distiller,
@@ -226,10 +254,14 @@ def _train_one(
             teacher=source,
             weights_of=student,
             desc=f"{spec.name} s{seed}",
+            ranks=ranks,
         )
     except Exception as exc:  # any crash, not only UserErrors; KeyboardInterrupt/SIGTERM: resumable, not failed
-        mark_failed(rdir, exc)
+        if ranks.is_main:
+            mark_failed(rdir, exc)
         raise
+    if not ranks.is_main:
+        return RunResult(seed, rdir, False, result.best_test_acc)
     finish(rdir, result)
     log.info("distill %s seed %d: best test accuracy %.2f%% (epoch %d), last %.2f%%", spec.name, seed, result.best_test_acc, result.best_epoch, result.last_test_acc)
     return RunResult(seed, rdir, False, result.best_test_acc)

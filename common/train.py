@@ -4,7 +4,8 @@ AdamW + OneCycle stepped per batch (METHOD 5, 8.7; section 0 item 6: the schedul
 number of steps actually taken), per-epoch evaluation on the whole test set (and the validation
 split when there is one), a checkpoint every epoch, resume to the same result, NaN stop.
 
-The loop knows nothing of any method: it calls `distiller.forward_train` and sums the losses.
+The loop knows nothing of any method: it calls the distiller (its forward_train) and sums the
+losses. Under torchrun the same loop runs on every rank (common/distributed.py).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import pandas as pd
@@ -24,8 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from common.cache import epoch_batches
+from common import distributed
 from common.config import TrainConfig
 from common.data import Data, augment_batch
+from common.distributed import SINGLE, Ranks
 from common.errors import ConfigError, TrainingError
 from common.io import atomic_torch_save, atomic_write, atomic_write_text, atomic_write_yaml
 
@@ -47,12 +50,27 @@ class TeacherSource(Protocol):
 
 
 class Trainable(Protocol):
-    def forward_train(
+    """What the loop trains: a module called as model(images, labels, teacher features, teacher
+    logits) -> (logits, {loss name: weighted scalar}) (a Distiller's forward_train; a call, so
+    that DDP's hooks run), with `forward_eval` for test-time logits."""
+
+    training: bool
+
+    def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, teacher_features: dict[int, torch.Tensor], teacher_logits: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ...
 
     def forward_eval(self, images: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def train(self, mode: bool = True) -> Any:
+        ...
+
+    def eval(self) -> Any:
+        ...
+
+    def buffers(self, recurse: bool = True) -> Iterator[torch.Tensor]:
         ...
 
 
@@ -111,23 +129,59 @@ class FitResult:
 
 
 @torch.no_grad()
-def evaluate(model: Trainable, data: Data, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int, amp: bool) -> float:
-    """Top-1 accuracy in percent over every given image (section 0 item 6: the whole test set)."""
-    was_training = model.training  # type: ignore[attr-defined]
-    model.eval()  # type: ignore[attr-defined]
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        x = data.normalize(images[start : start + batch_size], device)
+def evaluate(
+    model: Trainable, data: Data, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int, amp: bool, ranks: Ranks = SINGLE
+) -> float:
+    """Top-1 accuracy in percent over every given image (section 0 item 6: the whole test set).
+
+    Under torchrun each rank scores every world-th image with rank 0's buffers and the counts
+    are summed, so the result is the one-process accuracy of the model rank 0 saves.
+    """
+    was_training = model.training
+    distributed.sync_buffers(model, ranks)
+    model.eval()
+    mine = torch.arange(ranks.rank, len(labels), ranks.world)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for batch in mine.split(batch_size):
+        x = data.normalize(images[batch], device)
         with _autocast(device, amp):
             logits = model.forward_eval(x)
-        correct += int((logits.argmax(1).cpu() == labels[start : start + batch_size]).sum())
-    model.train(was_training)  # type: ignore[attr-defined]
-    return 100.0 * correct / max(1, len(labels))
+        correct += (logits.argmax(1) == labels[batch].to(device, non_blocking=True)).sum()
+    model.train(was_training)
+    return 100.0 * int(distributed.sum_over_ranks(correct, ranks)) / max(1, len(labels))
 
 
 def _autocast(device: torch.device, amp: bool):
     # bfloat16 needs no loss scaling; on the CPU we stay in float32 so seeds fix results exactly.
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW (the paper's recipe, METHOD 8.7) or SGD with momentum (the reference's "+240E")."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per batch. OneCycle over the steps actually taken (section 0 item 6);
+    MultiStep drops the LR by `gamma` after each milestone epoch, which per batch is after
+    milestone x steps_per_epoch steps (the reference steps it once per epoch: the same LRs)."""
+    if cfg.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [m * steps_per_epoch for m in cfg.milestones], gamma=cfg.gamma)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.pct_start
+    )
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint carries besides the weights: metrics so far, the best epoch, time."""
+
+    rows: list[dict[str, float]]
+    best: dict[str, Any]
+    elapsed: float
+    epoch: int  # last finished epoch
 
 
 def fit(
@@ -143,135 +197,68 @@ def fit(
     weights_name: str = "student.pt",
     weights_of: nn.Module | None = None,
     desc: str = "",
+    ranks: Ranks = SINGLE,
 ) -> FitResult:
-    """Train `model` (a Distiller: forward_train/forward_eval) and write the run's artifacts.
+    """Train `model` (a Distiller: called as model(images, labels, teacher features, teacher
+    logits), forward_eval) and write the run's artifacts.
 
     Writes metrics.csv and checkpoint.pt every epoch; at the end `weights_name` holding
     {"best": state, "last": state, "best_epoch": e} of `weights_of` (default: the whole model).
     "best" is the epoch of best validation accuracy when a validation split exists, else of best
     test accuracy (the paper's protocol, METHOD 10). A checkpoint found in `run_dir` is resumed.
+    Under torchrun (`ranks`) each rank trains on its shard of `train_indices` and only rank 0 writes.
     """
-    device = resolve_device(cfg.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    weights_of = weights_of if weights_of is not None else model
-    steps = len(train_indices) // cfg.batch_size
+    device = distributed.device_for(ranks, resolve_device(cfg.device))
+    rows = distributed.shard(train_indices, ranks)
+    batch_size = distributed.local_batch_size(cfg.batch_size, ranks)
+    steps = len(rows) // batch_size
     if steps == 0:
         raise ConfigError(
             f"{len(train_indices)} training images are fewer than one batch of {cfg.batch_size}; lower train.batch_size or raise train.train_subset"
         )
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    weights_of = weights_of if weights_of is not None else model
     model.to(device)
+    net = distributed.wrap(model, ranks, device)
     groups = param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=cfg.epochs * steps, pct_start=cfg.pct_start
-    )
+    optimizer = make_optimizer(groups, cfg, lr)
+    scheduler = make_scheduler(optimizer, cfg, steps)
     amp = cfg.amp and device.type == "cuda"
-    rows: list[dict[str, float]] = []
-    best = {"epoch": 0, "score": -math.inf, "state": None}
-    start_epoch = 1
-    elapsed = 0.0
-
+    progress = _Progress(rows=[], best={"epoch": 0, "score": -math.inf, "state": None}, elapsed=0.0, epoch=0)
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.exists():
-        ckpt = _load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        rows, best, elapsed = ckpt["rows"], ckpt["best"], ckpt["elapsed"]
-        start_epoch = ckpt["epoch"] + 1
-        log.info("%s: resuming after epoch %d from %s", desc or "run", ckpt["epoch"], ckpt_path)
+        progress = _resume(ckpt_path, model, optimizer, scheduler, device, ranks)
+        if ranks.is_main:
+            log.info("%s: resuming after epoch %d from %s", desc or "run", progress.epoch, ckpt_path)
 
-    train_images, train_labels = data.train.images, data.train.labels
     has_val = len(data.val_indices) > 0
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        # Per-epoch generators make a resumed run draw the same batches as an uninterrupted one.
-        order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        if teacher is not None:
-            batches = teacher.batch_order(train_indices, cfg.batch_size, order_gen)
-        else:
-            batches = epoch_batches(train_indices, cfg.batch_size, order_gen)
-        model.train()
-        sums: dict[str, torch.Tensor] = {}
-        correct: torch.Tensor | int = 0
-        seen = 0
-        tic = time.perf_counter()
-        bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if cfg.progress else True, unit="batch")  # None: off when not a terminal
-        for step, idx in enumerate(bar):
-            x = data.normalize(train_images[idx], device)
-            if cfg.augment:
-                x = augment_batch(x, order_gen)
-            y = train_labels[idx].to(device, non_blocking=True)
-            t_feats, t_logits = teacher.batch(idx, x) if teacher is not None else ({}, None)
-            with _autocast(device, amp):
-                logits, losses = model.forward_train(x, y, t_feats, t_logits)  # type: ignore[operator]
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise _not_finite(f"loss is not finite at epoch {epoch}, step {step + 1} of {len(batches)}", losses, rows, run_dir)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            # Accumulated on the device: no host sync per step beyond the NaN check.
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().double()
-            correct = correct + (logits.detach().argmax(1) == y).sum()
-            seen += len(idx)
-            if not bar.disable and step % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
-        epoch_time = time.perf_counter() - tic
-        if not _finite_state(model):  # the last step made the weights inf/NaN: never checkpoint them
-            raise _not_finite(f"the weights are not finite after the last step of epoch {epoch} (step {len(batches)})", losses, rows, run_dir)
-        elapsed += epoch_time
-        totals = {k: float(v) for k, v in sums.items()}
-        row: dict[str, float] = {"epoch": epoch, "train_loss": sum(totals.values()) / len(batches)}
-        row.update({f"loss_{k}": v / len(batches) for k, v in totals.items()})
-        row["train_acc"] = 100.0 * int(correct) / seen
-        row["test_acc"] = evaluate(model, data, data.test.images, data.test.labels, device, cfg.eval_batch_size, amp)  # type: ignore[arg-type]
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        # Per-epoch generators make a resumed run draw the same batches as an uninterrupted one;
+        # rank 0's equals the one-process generator.
+        order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * ranks.rank)
+        batches = teacher.batch_order(rows, batch_size, order_gen) if teacher is not None else epoch_batches(rows, batch_size, order_gen)
+        trained = _train_epoch(net, model, data, cfg, epoch, batches, order_gen, teacher, optimizer, scheduler, device, amp, ranks, progress, run_dir, desc)
+        progress.elapsed += trained["epoch_time_s"]
+        row = {"epoch": epoch, **trained}
+        row["test_acc"] = evaluate(model, data, data.test.images, data.test.labels, device, cfg.eval_batch_size, amp, ranks)
         if has_val:
             vi = data.val_indices
-            row["val_acc"] = evaluate(model, data, train_images[vi], train_labels[vi], device, cfg.eval_batch_size, amp)  # type: ignore[arg-type]
-        row.update(
-            lr=optimizer.param_groups[-1]["lr"],
-            epoch_time_s=epoch_time,
-            images_per_s=seen / epoch_time,
-            elapsed_s=elapsed,
-        )
-        rows.append(row)
+            row["val_acc"] = evaluate(model, data, data.train.images[vi], data.train.labels[vi], device, cfg.eval_batch_size, amp, ranks)
+        row.update(lr=optimizer.param_groups[-1]["lr"], epoch_time_s=trained["epoch_time_s"], images_per_s=trained["images_per_s"], elapsed_s=progress.elapsed)
+        progress.rows.append(row)
+        progress.epoch = epoch
         score = row["val_acc"] if has_val else row["test_acc"]
-        if score > best["score"]:
-            best = {"epoch": epoch, "score": score, "state": _cpu_state(weights_of)}
-        _write_metrics(run_dir / METRICS, rows)
-        atomic_torch_save(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                "rows": rows,
-                "best": best,
-                "elapsed": elapsed,
-                "epoch": epoch,
-            },
-        )
-        line = (
-            f"{desc} epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f} train {row['train_acc']:.2f}% "
-            f"test {row['test_acc']:.2f}%" + (f" val {row['val_acc']:.2f}%" if has_val else "") + f" ({epoch_time:.1f}s)"
-        )
-        if cfg.progress:
-            tqdm.write(line)  # keeps the progress bar intact
-        else:
-            log.info(line)
+        if score > progress.best["score"]:
+            progress.best = {"epoch": epoch, "score": score, "state": _cpu_state(weights_of)}
+        _save_checkpoint(ckpt_path, run_dir, model, optimizer, scheduler, device, ranks, progress)
+        if ranks.is_main:
+            _log_epoch(f"{desc} epoch {epoch}/{cfg.epochs}", row, has_val, cfg.progress)
 
-    atomic_torch_save(
-        run_dir / weights_name,
-        {"best": best["state"], "last": _cpu_state(weights_of), "best_epoch": best["epoch"]},
-    )
-    metrics = pd.DataFrame(rows)
+    best = progress.best
+    if ranks.is_main:
+        atomic_torch_save(run_dir / weights_name, {"best": best["state"], "last": _cpu_state(weights_of), "best_epoch": best["epoch"]})
+    metrics = pd.DataFrame(progress.rows)
     best_row = metrics.loc[metrics["epoch"] == best["epoch"]].iloc[0]
     return FitResult(
         best_epoch=int(best["epoch"]),
@@ -280,6 +267,140 @@ def fit(
         epochs=len(metrics),
         metrics=metrics,
     )
+
+
+def _train_epoch(
+    net: nn.Module,
+    model: nn.Module,
+    data: Data,
+    cfg: TrainConfig,
+    epoch: int,
+    batches: list[torch.Tensor],
+    generator: torch.Generator,
+    teacher: TeacherSource | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    amp: bool,
+    ranks: Ranks,
+    progress: _Progress,
+    run_dir: Path,
+    desc: str,
+) -> dict[str, float]:
+    """One epoch of steps; the epoch's training metrics (summed over ranks), time and speed."""
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    losses: dict[str, torch.Tensor] = {}
+    seen = 0
+    tic = time.perf_counter()
+    show = cfg.progress and ranks.is_main
+    bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True, unit="batch")  # None: off when not a terminal
+    for step, idx in enumerate(bar):
+        x = data.normalize(data.train.images[idx], device)
+        if cfg.augment:
+            x = augment_batch(x, generator)
+        y = data.train.labels[idx].to(device, non_blocking=True)
+        t_feats, t_logits = teacher.batch(idx, x) if teacher is not None else ({}, None)
+        with _autocast(device, amp):
+            logits, losses = net(x, y, t_feats, t_logits)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise _not_finite(f"loss is not finite at epoch {epoch}, step {step + 1} of {len(batches)}", losses, progress.rows, run_dir)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        # Accumulated on the device: no host sync per step beyond the NaN check.
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().double()
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(idx)
+        if not bar.disable and step % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
+    epoch_time = time.perf_counter() - tic
+    if not _finite_state(model):  # the last step made the weights inf/NaN: never checkpoint them
+        raise _not_finite(f"the weights are not finite after the last step of epoch {epoch} (step {len(batches)})", losses, progress.rows, run_dir)
+    # One reduction per epoch: every loss term's sum, the correct count, the images seen.
+    names = list(sums)
+    counts = torch.stack([correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    totals = distributed.sum_over_ranks(torch.cat([torch.stack([sums[n] for n in names]), counts]), ranks).tolist()
+    n_batches = len(batches) * ranks.world
+    mean_terms = {n: t / n_batches for n, t in zip(names, totals)}
+    row: dict[str, float] = {"train_loss": sum(mean_terms.values())}
+    row.update({f"loss_{n}": v for n, v in mean_terms.items()})
+    row["train_acc"] = 100.0 * totals[-2] / totals[-1]
+    row.update(epoch_time_s=epoch_time, images_per_s=totals[-1] / epoch_time)
+    return row
+
+
+def _resume(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, ranks: Ranks
+) -> _Progress:
+    """Weights, optimizer, schedule, RNGs and progress from the last epoch's checkpoint.
+
+    Each rank takes its own RNG state back (a checkpoint of a run on another number of ranks
+    gives every rank rank 0's: the remaining epochs then draw other batches than an
+    uninterrupted run would, which is logged).
+    """
+    ckpt = _load_checkpoint(path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    saved_world = int(ckpt.get("world", 1))
+    states = ckpt.get("rng_ranks") or [(ckpt["rng"], ckpt.get("cuda_rng"))]
+    cpu_rng, cuda_rng = states[ranks.rank] if saved_world == ranks.world else states[0]
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all(cuda_rng)
+    if saved_world != ranks.world and ranks.is_main:
+        log.warning("%s was written by a run on %d rank(s), resumed on %d: later batches differ from an uninterrupted run", path, saved_world, ranks.world)
+    return _Progress(rows=ckpt["rows"], best=ckpt["best"], elapsed=ckpt["elapsed"], epoch=ckpt["epoch"])
+
+
+def _save_checkpoint(
+    path: Path,
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    ranks: Ranks,
+    progress: _Progress,
+) -> None:
+    """metrics.csv and checkpoint.pt after an epoch, written by rank 0 with every rank's RNGs."""
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+    states = distributed.gather(rng, ranks)
+    if not ranks.is_main:
+        return
+    _write_metrics(run_dir / METRICS, progress.rows)
+    atomic_torch_save(
+        path,
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng[0],
+            "cuda_rng": rng[1],
+            "rng_ranks": states if ranks.distributed else None,
+            "world": ranks.world,
+            "rows": progress.rows,
+            "best": progress.best,
+            "elapsed": progress.elapsed,
+            "epoch": progress.epoch,
+        },
+    )
+
+
+def _log_epoch(desc: str, row: dict[str, float], has_val: bool, progress_bar: bool) -> None:
+    line = (
+        f"{desc}: loss {row['train_loss']:.4f} train {row['train_acc']:.2f}% "
+        f"test {row['test_acc']:.2f}%" + (f" val {row['val_acc']:.2f}%" if has_val else "") + f" ({row['epoch_time_s']:.1f}s)"
+    )
+    if progress_bar:
+        tqdm.write(line)  # keeps the progress bar intact
+    else:
+        log.info(line)
 
 
 def finish(run_dir: Path, result: FitResult) -> None:

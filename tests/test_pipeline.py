@@ -254,7 +254,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
             self.lin = torch.nn.Linear(28 * 28, 10)
             self.steps = 0
 
-        def forward_train(self, x, y, feats, logits):
+        def forward(self, x, y, feats, logits):
             self.steps += 1
             out = self.lin(x.flatten(1))
             loss = torch.nn.functional.cross_entropy(out, y)
@@ -348,3 +348,14 @@ def test_paper_pairs_run_through_all_stages(tmp_path_factory, teacher, student, 
     assert metrics["train_loss"].notna().all() and 0 <= metrics["test_acc"].iloc[0] <= 100
     resolved = yaml.safe_load((result.dir / "config.yaml").read_text())
     assert len(resolved["run"]["teacher_layers"]) == 4 and len(resolved["run"]["student_layers"]) == 4
+
+
+def test_explicit_layer_lists_keep_their_order(profiled):
+    """One-to-one pairs in the order given, so a reversed map is expressible (and hashed apart)."""
+    _, cfg, data, _ = profiled
+    from common.methods import resolve_method
+
+    cfg2 = load_config(None, [f"dataset.root={cfg.dataset.root}", "teacher.name=resnet18", "method.name=ours", "method.teacher_layers=[4,3,-2,1]", "method.student_layers=[5,4,2,1]"])
+    teacher_layers, student_layers = distill.resolve_pairs(cfg2, resolve_method(cfg2.method), data)
+    n_teacher = len(profile.list_layers(cfg2, data))
+    assert teacher_layers == [4, 3, n_teacher - 2, 1] and student_layers == [5, 4, 2, 1]

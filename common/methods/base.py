@@ -1,7 +1,7 @@
 """The method interface: MethodSpec, the registries, and the Distiller base class (METHOD 8, 9).
 
 A *method* is a preset MethodSpec (all fields set) plus the Distiller class that runs it. The
-training loop only calls `Distiller.forward_train` / `forward_eval`; everything method-specific
+training loop only calls the Distiller (`forward_train`) and `forward_eval`; everything method-specific
 (projectors, attention MLPs, a teacher-head copy) lives inside the Distiller, so the optimiser
 picks it up through `distiller.parameters()` (METHOD 8.7: one AdamW over all trainable modules).
 """
@@ -222,6 +222,16 @@ class Distiller(nn.Module):
             term = self.feature_term(student_features, self.ordered_teacher_features(teacher_features))
             losses["feat"] = self.spec.feature_weight * term
         return logits, losses
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_features: dict[int, torch.Tensor],
+        teacher_logits: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`forward_train` as the module's call, so that DistributedDataParallel sees the step."""
+        return self.forward_train(images, labels, teacher_features, teacher_logits)
 
     def logit_losses(
         self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None
