@@ -28,7 +28,7 @@ from common.data import Data
 from common.errors import ConfigError
 
 # Settings that never change what a run produces.
-_RUNTIME_ONLY = ("progress", "device", "eval_batch_size", "teacher_source", "seed")
+_RUNTIME_ONLY = ("progress", "device", "eval_batch_size", "teacher_source", "seed", "tracker")
 
 
 # Settings read only by one optimizer or one schedule: left out of the key of the others.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from common import artifacts, profile
+from common import artifacts, profile, tracking
 from common.config import Config, validate_config
 from common.data import DATASETS, Data, load_data
 from common.errors import ConfigError
@@ -33,7 +33,7 @@ def load_checked(cfg: Config, data: Data | None = None) -> Data:
 
 def check_config(cfg: Config) -> None:
     """What needs no data: ranges (again, for configs built or changed in code), the artifacts
-    path, names, checkpoint files and devices."""
+    path, names, checkpoint files, devices and trackers."""
     validate_config(cfg)
     artifacts.check_writable(cfg.artifacts)
     check_names(cfg)
@@ -45,6 +45,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"teacher.pretrained file {cfg.teacher.pretrained} not found; give a local torchvision ImageNet state-dict file, or null")
     for device in dict.fromkeys((cfg.teacher_train.device, cfg.train.device, cfg.profile.device)):
         resolve_device(device)
+    for tracker in dict.fromkeys((cfg.teacher_train.tracker, cfg.train.tracker)):
+        tracking.check(tracker)
 
 
 def check_with_data(cfg: Config, data: Data) -> None:

@@ -68,6 +68,7 @@ class TrainConfig:
     amp: bool = True  # bfloat16 autocast, used only on CUDA
     teacher_source: str = "auto"  # auto | cache | live; auto = cache unless augment is on
     progress: bool = True
+    tracker: str = "tensorboard"  # tensorboard (event files in the run's tb/) | wandb | trackio | none
 
 
 @dataclass

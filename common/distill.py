@@ -255,6 +255,7 @@ def _train_one(
             weights_of=student,
             desc=f"{spec.name} s{seed}",
             ranks=ranks,
+            run_config=resolved,
         )
     except Exception as exc:  # any crash, not only UserErrors; KeyboardInterrupt/SIGTERM: resumable, not failed
         if ranks.is_main:

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.cache import epoch_batches
-from common import distributed
+from common import distributed, tracking
 from common.config import TrainConfig
 from common.data import Data, augment_batch
 from common.distributed import SINGLE, Ranks
@@ -184,6 +184,31 @@ class _Progress:
     epoch: int  # last finished epoch
 
 
+@dataclass
+class _Loop:
+    """Everything one training run's epochs share, set up once by `fit`."""
+
+    net: nn.Module  # what a step calls: `model`, or DDP around it
+    model: nn.Module
+    weights_of: nn.Module  # the part whose weights are saved
+    data: Data
+    cfg: TrainConfig
+    rows: torch.Tensor  # this rank's training positions
+    batch_size: int  # this rank's share of the batch
+    teacher: TeacherSource | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    amp: bool
+    ranks: Ranks
+    run_dir: Path
+    desc: str
+
+    @property
+    def has_val(self) -> bool:
+        return len(self.data.val_indices) > 0
+
+
 def fit(
     model: nn.Module,
     data: Data,
@@ -198,6 +223,7 @@ def fit(
     weights_of: nn.Module | None = None,
     desc: str = "",
     ranks: Ranks = SINGLE,
+    run_config: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train `model` (a Distiller: called as model(images, labels, teacher features, teacher
     logits), forward_eval) and write the run's artifacts.
@@ -207,57 +233,28 @@ def fit(
     "best" is the epoch of best validation accuracy when a validation split exists, else of best
     test accuracy (the paper's protocol, METHOD 10). A checkpoint found in `run_dir` is resumed.
     Under torchrun (`ranks`) each rank trains on its shard of `train_indices` and only rank 0 writes.
+    Every epoch's row also goes to the tracker `cfg.tracker` (described by `run_config`).
     """
-    device = distributed.device_for(ranks, resolve_device(cfg.device))
-    rows = distributed.shard(train_indices, ranks)
-    batch_size = distributed.local_batch_size(cfg.batch_size, ranks)
-    steps = len(rows) // batch_size
-    if steps == 0:
-        raise ConfigError(
-            f"{len(train_indices)} training images are fewer than one batch of {cfg.batch_size}; lower train.batch_size or raise train.train_subset"
-        )
-    if ranks.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    weights_of = weights_of if weights_of is not None else model
-    model.to(device)
-    net = distributed.wrap(model, ranks, device)
-    groups = param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
-    optimizer = make_optimizer(groups, cfg, lr)
-    scheduler = make_scheduler(optimizer, cfg, steps)
-    amp = cfg.amp and device.type == "cuda"
+    loop = _setup(model, data, cfg, run_dir, lr, train_indices, teacher, param_groups, weights_of, desc, ranks)
     progress = _Progress(rows=[], best={"epoch": 0, "score": -math.inf, "state": None}, elapsed=0.0, epoch=0)
-    ckpt_path = run_dir / CHECKPOINT
-    if ckpt_path.exists():
-        progress = _resume(ckpt_path, model, optimizer, scheduler, device, ranks)
+    if (run_dir / CHECKPOINT).exists():
+        progress = _resume(loop, run_dir / CHECKPOINT)
         if ranks.is_main:
-            log.info("%s: resuming after epoch %d from %s", desc or "run", progress.epoch, ckpt_path)
-
-    has_val = len(data.val_indices) > 0
-    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-        # Per-epoch generators make a resumed run draw the same batches as an uninterrupted one;
-        # rank 0's equals the one-process generator.
-        order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * ranks.rank)
-        batches = teacher.batch_order(rows, batch_size, order_gen) if teacher is not None else epoch_batches(rows, batch_size, order_gen)
-        trained = _train_epoch(net, model, data, cfg, epoch, batches, order_gen, teacher, optimizer, scheduler, device, amp, ranks, progress, run_dir, desc)
-        progress.elapsed += trained["epoch_time_s"]
-        row = {"epoch": epoch, **trained}
-        row["test_acc"] = evaluate(model, data, data.test.images, data.test.labels, device, cfg.eval_batch_size, amp, ranks)
-        if has_val:
-            vi = data.val_indices
-            row["val_acc"] = evaluate(model, data, data.train.images[vi], data.train.labels[vi], device, cfg.eval_batch_size, amp, ranks)
-        row.update(lr=optimizer.param_groups[-1]["lr"], epoch_time_s=trained["epoch_time_s"], images_per_s=trained["images_per_s"], elapsed_s=progress.elapsed)
-        progress.rows.append(row)
-        progress.epoch = epoch
-        score = row["val_acc"] if has_val else row["test_acc"]
-        if score > progress.best["score"]:
-            progress.best = {"epoch": epoch, "score": score, "state": _cpu_state(weights_of)}
-        _save_checkpoint(ckpt_path, run_dir, model, optimizer, scheduler, device, ranks, progress)
-        if ranks.is_main:
-            _log_epoch(f"{desc} epoch {epoch}/{cfg.epochs}", row, has_val, cfg.progress)
+            log.info("%s: resuming after epoch %d from %s", desc or "run", progress.epoch, run_dir / CHECKPOINT)
+    tracker = tracking.open_tracker(cfg.tracker, run_dir, desc or run_dir.name, run_config or {}) if ranks.is_main else tracking.NoTracker()
+    try:
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+            row = _epoch(loop, epoch, progress)
+            _save_checkpoint(loop, progress)
+            if ranks.is_main:
+                tracker.log(tracking.epoch_scalars(row), epoch)
+                _log_epoch(f"{desc} epoch {epoch}/{cfg.epochs}", row, loop.has_val, cfg.progress)
+    finally:
+        tracker.close()
 
     best = progress.best
     if ranks.is_main:
-        atomic_torch_save(run_dir / weights_name, {"best": best["state"], "last": _cpu_state(weights_of), "best_epoch": best["epoch"]})
+        atomic_torch_save(run_dir / weights_name, {"best": best["state"], "last": _cpu_state(loop.weights_of), "best_epoch": best["epoch"]})
     metrics = pd.DataFrame(progress.rows)
     best_row = metrics.loc[metrics["epoch"] == best["epoch"]].iloc[0]
     return FitResult(
@@ -269,48 +266,105 @@ def fit(
     )
 
 
-def _train_epoch(
-    net: nn.Module,
+def _setup(
     model: nn.Module,
     data: Data,
     cfg: TrainConfig,
-    epoch: int,
-    batches: list[torch.Tensor],
-    generator: torch.Generator,
-    teacher: TeacherSource | None,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
-    amp: bool,
-    ranks: Ranks,
-    progress: _Progress,
     run_dir: Path,
+    lr: float,
+    train_indices: torch.Tensor,
+    teacher: TeacherSource | None,
+    param_groups: list[dict[str, Any]] | None,
+    weights_of: nn.Module | None,
     desc: str,
-) -> dict[str, float]:
+    ranks: Ranks,
+) -> _Loop:
+    """Device, this rank's rows and batch, the (DDP-wrapped) model, optimizer and schedule."""
+    device = distributed.device_for(ranks, resolve_device(cfg.device))
+    rows = distributed.shard(train_indices, ranks)
+    batch_size = distributed.local_batch_size(cfg.batch_size, ranks)
+    steps = len(rows) // batch_size
+    if steps == 0:
+        raise ConfigError(
+            f"{len(train_indices)} training images are fewer than one batch of {cfg.batch_size}; lower train.batch_size or raise train.train_subset"
+        )
+    if ranks.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    net = distributed.wrap(model, ranks, device)
+    groups = param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    optimizer = make_optimizer(groups, cfg, lr)
+    return _Loop(
+        net=net,
+        model=model,
+        weights_of=weights_of if weights_of is not None else model,
+        data=data,
+        cfg=cfg,
+        rows=rows,
+        batch_size=batch_size,
+        teacher=teacher,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, cfg, steps),
+        device=device,
+        amp=cfg.amp and device.type == "cuda",
+        ranks=ranks,
+        run_dir=run_dir,
+        desc=desc,
+    )
+
+
+def _epoch(loop: _Loop, epoch: int, progress: _Progress) -> dict[str, float]:
+    """Train one epoch, evaluate, update `progress` (rows, best state, time); the metrics row."""
+    cfg, data = loop.cfg, loop.data
+    # Per-epoch generators make a resumed run draw the same batches as an uninterrupted one;
+    # rank 0's equals the one-process generator.
+    order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 7919 * loop.ranks.rank)
+    if loop.teacher is not None:
+        batches = loop.teacher.batch_order(loop.rows, loop.batch_size, order_gen)
+    else:
+        batches = epoch_batches(loop.rows, loop.batch_size, order_gen)
+    trained = _train_epoch(loop, epoch, batches, order_gen, progress)
+    progress.elapsed += trained["epoch_time_s"]
+    row: dict[str, float] = {"epoch": epoch, **{k: v for k, v in trained.items() if k not in ("epoch_time_s", "images_per_s")}}
+    evaluate_on = lambda images, labels: evaluate(loop.model, data, images, labels, loop.device, cfg.eval_batch_size, loop.amp, loop.ranks)  # noqa: E731
+    row["test_acc"] = evaluate_on(data.test.images, data.test.labels)
+    if loop.has_val:
+        row["val_acc"] = evaluate_on(data.train.images[data.val_indices], data.train.labels[data.val_indices])
+    row.update(lr=loop.optimizer.param_groups[-1]["lr"], epoch_time_s=trained["epoch_time_s"], images_per_s=trained["images_per_s"], elapsed_s=progress.elapsed)
+    progress.rows.append(row)
+    progress.epoch = epoch
+    score = row["val_acc"] if loop.has_val else row["test_acc"]
+    if score > progress.best["score"]:
+        progress.best = {"epoch": epoch, "score": score, "state": _cpu_state(loop.weights_of)}
+    return row
+
+
+def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator: torch.Generator, progress: _Progress) -> dict[str, float]:
     """One epoch of steps; the epoch's training metrics (summed over ranks), time and speed."""
-    model.train()
+    cfg, data, device = loop.cfg, loop.data, loop.device
+    loop.model.train()
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), dtype=torch.int64, device=device)
     losses: dict[str, torch.Tensor] = {}
     seen = 0
     tic = time.perf_counter()
-    show = cfg.progress and ranks.is_main
-    bar = tqdm(batches, desc=f"{desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True, unit="batch")  # None: off when not a terminal
+    show = cfg.progress and loop.ranks.is_main
+    bar = tqdm(batches, desc=f"{loop.desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True, unit="batch")  # None: off when not a terminal
     for step, idx in enumerate(bar):
         x = data.normalize(data.train.images[idx], device)
         if cfg.augment:
             x = augment_batch(x, generator)
         y = data.train.labels[idx].to(device, non_blocking=True)
-        t_feats, t_logits = teacher.batch(idx, x) if teacher is not None else ({}, None)
-        with _autocast(device, amp):
-            logits, losses = net(x, y, t_feats, t_logits)
+        t_feats, t_logits = loop.teacher.batch(idx, x) if loop.teacher is not None else ({}, None)
+        with _autocast(device, loop.amp):
+            logits, losses = loop.net(x, y, t_feats, t_logits)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise _not_finite(f"loss is not finite at epoch {epoch}, step {step + 1} of {len(batches)}", losses, progress.rows, run_dir)
-        optimizer.zero_grad(set_to_none=True)
+            raise _not_finite(f"loss is not finite at epoch {epoch}, step {step + 1} of {len(batches)}", losses, progress.rows, loop.run_dir)
+        loop.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        scheduler.step()
+        loop.optimizer.step()
+        loop.scheduler.step()
         # Accumulated on the device: no host sync per step beyond the NaN check.
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.detach().double()
@@ -319,13 +373,13 @@ def _train_epoch(
         if not bar.disable and step % 10 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
     epoch_time = time.perf_counter() - tic
-    if not _finite_state(model):  # the last step made the weights inf/NaN: never checkpoint them
-        raise _not_finite(f"the weights are not finite after the last step of epoch {epoch} (step {len(batches)})", losses, progress.rows, run_dir)
+    if not _finite_state(loop.model):  # the last step made the weights inf/NaN: never checkpoint them
+        raise _not_finite(f"the weights are not finite after the last step of epoch {epoch} (step {len(batches)})", losses, progress.rows, loop.run_dir)
     # One reduction per epoch: every loss term's sum, the correct count, the images seen.
     names = list(sums)
     counts = torch.stack([correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
-    totals = distributed.sum_over_ranks(torch.cat([torch.stack([sums[n] for n in names]), counts]), ranks).tolist()
-    n_batches = len(batches) * ranks.world
+    totals = distributed.sum_over_ranks(torch.cat([torch.stack([sums[n] for n in names]), counts]), loop.ranks).tolist()
+    n_batches = len(batches) * loop.ranks.world
     mean_terms = {n: t / n_batches for n, t in zip(names, totals)}
     row: dict[str, float] = {"train_loss": sum(mean_terms.values())}
     row.update({f"loss_{n}": v for n, v in mean_terms.items()})
@@ -334,19 +388,18 @@ def _train_epoch(
     return row
 
 
-def _resume(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, ranks: Ranks
-) -> _Progress:
+def _resume(loop: _Loop, path: Path) -> _Progress:
     """Weights, optimizer, schedule, RNGs and progress from the last epoch's checkpoint.
 
     Each rank takes its own RNG state back (a checkpoint of a run on another number of ranks
     gives every rank rank 0's: the remaining epochs then draw other batches than an
     uninterrupted run would, which is logged).
     """
+    ranks, device = loop.ranks, loop.device
     ckpt = _load_checkpoint(path)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    loop.model.load_state_dict(ckpt["model"])
+    loop.optimizer.load_state_dict(ckpt["optimizer"])
+    loop.scheduler.load_state_dict(ckpt["scheduler"])
     saved_world = int(ckpt.get("world", 1))
     states = ckpt.get("rng_ranks") or [(ckpt["rng"], ckpt.get("cuda_rng"))]
     cpu_rng, cuda_rng = states[ranks.rank] if saved_world == ranks.world else states[0]
@@ -358,32 +411,23 @@ def _resume(
     return _Progress(rows=ckpt["rows"], best=ckpt["best"], elapsed=ckpt["elapsed"], epoch=ckpt["epoch"])
 
 
-def _save_checkpoint(
-    path: Path,
-    run_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
-    ranks: Ranks,
-    progress: _Progress,
-) -> None:
+def _save_checkpoint(loop: _Loop, progress: _Progress) -> None:
     """metrics.csv and checkpoint.pt after an epoch, written by rank 0 with every rank's RNGs."""
-    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
-    states = distributed.gather(rng, ranks)
-    if not ranks.is_main:
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if loop.device.type == "cuda" else None)
+    states = distributed.gather(rng, loop.ranks)
+    if not loop.ranks.is_main:
         return
-    _write_metrics(run_dir / METRICS, progress.rows)
+    _write_metrics(loop.run_dir / METRICS, progress.rows)
     atomic_torch_save(
-        path,
+        loop.run_dir / CHECKPOINT,
         {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "model": loop.model.state_dict(),
+            "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(),
             "rng": rng[0],
             "cuda_rng": rng[1],
-            "rng_ranks": states if ranks.distributed else None,
-            "world": ranks.world,
+            "rng_ranks": states if loop.ranks.distributed else None,
+            "world": loop.ranks.world,
             "rows": progress.rows,
             "best": progress.best,
             "elapsed": progress.elapsed,
