@@ -8,6 +8,9 @@
     <artifacts>/<dataset>/<teacher>__<student>/<method>-<rhash>/seed<k>/
                                                              config.yaml, metrics.csv, student.pt, done
 
+This module builds these paths and reads them back (`iter_variants`, `iter_teachers`): the
+layout has this one home.
+
 Each hash covers exactly the resolved settings that change the artifact (not the device, the
 progress bar or the data root), so two runs that differ in anything but the seed never share a
 directory, and a rerun with the same settings finds its finished work. Keys follow dependencies:
@@ -19,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from common.config import Config, TrainConfig, short_hash
 from common.data import Data
@@ -115,13 +120,103 @@ def teacher_use(teacher_layers: list[int], cache_dtype: str) -> dict[str, Any]:
     return {"layers": list(teacher_layers), "cache_dtype": cache_dtype}
 
 
+PAIR_SEP = "__"  # <teacher>__<student>: model names never hold it (registry names, tv:/timm: names)
+
+
+def pair_name(teacher: str, student: str) -> str:
+    return f"{teacher}{PAIR_SEP}{student}"
+
+
 def pair_dir(cfg: Config) -> Path:
-    return Path(cfg.artifacts) / cfg.dataset.name / f"{cfg.teacher.name}__{cfg.student.name}"
+    return Path(cfg.artifacts) / cfg.dataset.name / pair_name(cfg.teacher.name, cfg.student.name)
+
+
+def run_hash(cfg: Config, data: Data, method: dict[str, Any], teacher: dict[str, Any] | None) -> str:
+    return short_hash(run_key(cfg, data, method, teacher))
 
 
 def run_dir(cfg: Config, data: Data, method: dict[str, Any], teacher: dict[str, Any] | None, seed: int) -> Path:
-    name = f"{method['name']}-{short_hash(run_key(cfg, data, method, teacher))}"
-    return pair_dir(cfg) / name / f"seed{seed}"
+    return pair_dir(cfg) / f"{method['name']}-{run_hash(cfg, data, method, teacher)}" / f"seed{seed}"
+
+
+# ----------------------------------------------------------------------------- the inverse: reading the tree back
+
+
+@dataclass(frozen=True)
+class VariantDir:
+    """<artifacts>/<dataset>/<teacher>__<student>/<method>-<hash>/: one run config, all its seeds."""
+
+    dataset: str
+    teacher: str
+    student: str
+    method: str
+    run_hash: str
+    dir: Path
+
+    @property
+    def pair(self) -> str:
+        return f"{self.teacher}{PAIR_SEP}{self.student}"
+
+    def seed_dirs(self) -> dict[int, Path]:
+        """seed -> seed<k>/ directory, for every seed directory present."""
+        out = {}
+        for child in _subdirs(self.dir):
+            match = _SEED_DIR.fullmatch(child.name)
+            if match:
+                out[int(match.group(1))] = child
+        return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class TeacherDir:
+    """<artifacts>/<dataset>/<teacher>-<hash>/."""
+
+    dataset: str
+    teacher: str
+    teacher_id: str
+    run_hash: str
+    dir: Path
+
+
+_SEED_DIR = re.compile(r"seed(-?\d+)")
+
+
+def split_hashed(name: str) -> tuple[str, str]:
+    """'<name>-<hash8>' -> (name, hash8); names may hold '-' themselves."""
+    head, sep, tail = name.rpartition("-")
+    return (head, tail) if sep and head else (name, "")
+
+
+def split_pair(name: str) -> tuple[str, str] | None:
+    """'<teacher>__<student>' -> (teacher, student); None for any other directory name."""
+    teacher, sep, student = name.partition(PAIR_SEP)
+    return (teacher, student) if sep and teacher and student else None
+
+
+def iter_variants(root: str | Path) -> Iterator[VariantDir]:
+    """Every run-config directory under the artifacts `root`, sorted by dataset, pair, name."""
+    for ds_dir in _subdirs(Path(root)):
+        for pair in _subdirs(ds_dir):
+            names = split_pair(pair.name)
+            if names is None:
+                continue
+            for variant in _subdirs(pair):
+                method, digest = split_hashed(variant.name)
+                yield VariantDir(ds_dir.name, names[0], names[1], method, digest, variant)
+
+
+def iter_teachers(root: str | Path) -> Iterator[TeacherDir]:
+    """Every teacher directory under the artifacts `root` (holding a metrics.csv or config.yaml)."""
+    for ds_dir in _subdirs(Path(root)):
+        for tdir in _subdirs(ds_dir):
+            if split_pair(tdir.name) is not None or not ((tdir / "metrics.csv").is_file() or (tdir / "config.yaml").is_file()):
+                continue
+            teacher, digest = split_hashed(tdir.name)
+            yield TeacherDir(ds_dir.name, teacher, tdir.name, digest, tdir)
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")) if path.is_dir() else []
 
 
 def check_writable(root: str | Path, what: str = "artifacts") -> None:

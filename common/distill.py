@@ -213,7 +213,7 @@ def _train_one(
             "kind": "student",
             "method": spec.name,
             "seed": seed,
-            "run_hash": rdir.parent.name.rsplit("-", 1)[-1],
+            "run_hash": artifacts.split_hashed(rdir.parent.name)[1],
             "teacher_id": artifacts.teacher_id(cfg, data) if source is not None else None,
             "teacher_layers": teacher_layers,
             "student_layers": student_layers,

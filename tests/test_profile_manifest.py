@@ -101,3 +101,29 @@ def test_activations_are_written_only_on_request_and_hold_subset_a(workspace):
     with FeatureCache(artifacts.quality_dir(kept, data) / "activations.h5") as acts:
         assert torch.equal(acts.positions, subset_a) and len(acts.meta["layers"]) == 10
         assert acts.shape("layer_0") == tuple(profile.layer_shapes(kept, data)[0])
+
+
+def test_the_artifact_layout_reads_back_what_it_builds(tmp_path):
+    """artifacts.iter_variants / iter_teachers invert run_dir / teacher_dir (one home for the layout)."""
+    from common import artifacts
+    from common.config import load_config
+
+    cfg = load_config(None, [f"artifacts={tmp_path}", "teacher.name=resnet34", "student.name=mobilenetv2"])
+
+    class FakeData:
+        fingerprint = "f" * 16
+
+    method = {"name": "ours+ce"}
+    for seed in (2, 0):
+        d = artifacts.run_dir(cfg, FakeData(), method, {"layers": [1], "cache_dtype": "float16"}, seed)
+        d.mkdir(parents=True)
+    tdir = artifacts.teacher_dir(cfg, FakeData())
+    tdir.mkdir(parents=True)
+    (tdir / "config.yaml").write_text("{}\n")
+    (variant,) = list(artifacts.iter_variants(tmp_path))
+    assert (variant.dataset, variant.teacher, variant.student, variant.method, variant.pair) == ("fashion_mnist", "resnet34", "mobilenetv2", "ours+ce", "resnet34__mobilenetv2")
+    assert variant.run_hash == artifacts.run_hash(cfg, FakeData(), method, {"layers": [1], "cache_dtype": "float16"})
+    assert list(variant.seed_dirs()) == [0, 2]
+    (teacher,) = list(artifacts.iter_teachers(tmp_path))
+    assert (teacher.teacher, teacher.teacher_id, teacher.dir) == ("resnet34", artifacts.teacher_id(cfg, FakeData()), tdir)
+    assert artifacts.split_hashed("ours+ce-abc12345") == ("ours+ce", "abc12345") and artifacts.split_pair("resnet34") is None
