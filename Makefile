@@ -21,10 +21,10 @@ COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
-.PHONY: setup test demo teacher profile layers distill report bench bench-profile bench-quality clean-demo help
+.PHONY: setup test demo teacher profile layers distill study report bench bench-profile bench-quality clean-demo help
 
 help:
-	@sed -n '1,5p' Makefile; echo; echo "targets: setup test demo teacher profile layers distill report bench bench-profile bench-quality"
+	@sed -n '1,5p' Makefile; echo; echo "targets: setup test demo teacher profile layers distill study report bench bench-profile bench-quality"
 
 setup:
 	@bash .ci/setup.sh
@@ -57,6 +57,19 @@ demo: setup
 	  $(PY) stage2_distill.py $(COMMON) $(STUDENT_ARGS) --method $$m $(ARGS) || exit 1; \
 	done
 	$(PY) stage3_evaluate.py --artifacts $(ARTIFACTS) --dataset fashion_mnist --methods $(DEMO_METHODS) --out $(ARTIFACTS)/reports/demo
+
+# The layer-selection study (README "Layer-selection study"): every arm of the plan (the CE
+# student, ours and its controls, each teacher layer alone) is one stage-2 run per seed, the
+# same command as `make distill` with the arm's overrides; then stage 3 writes the study report.
+# The plan's options go in STUDY_ARGS, e.g. STUDY_ARGS='--layers "3 7 11" --random-draws 5'.
+STUDY_ARGS ?=
+study: setup
+	@plan="$$($(PY) -m common.study plan $(COMMON) $(STUDENT_ARGS) $(STUDY_ARGS) $(ARGS))" || exit 1; \
+	printf '%s\n' "$$plan" | while read -r arm overrides; do \
+	  echo "== study arm $$arm: $$overrides"; \
+	  $(STAGE2) stage2_distill.py $(COMMON) $(STUDENT_ARGS) $(ARGS) $$overrides < /dev/null || exit 1; \
+	done
+	$(PY) stage3_evaluate.py --study $(COMMON) $(STUDENT_ARGS) $(STUDY_ARGS) -- $(ARGS)
 
 bench: setup
 	$(PY) bench/bench_epoch.py

@@ -42,22 +42,25 @@ class RunResult:
     best_test_acc: float | None = None
 
 
-def uses_teacher(spec: MethodSpec) -> bool:
-    return spec.feature_loss != "none" or spec.kd_weight > 0 or spec.teacher_head
-
-
-def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int], list[int]]:
+def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data, manifest: profile.Manifest | None = None) -> tuple[list[int], list[int]]:
     """Teacher and student layer lists of a feature method (METHOD 7; section 0 item 4).
 
     Explicit lists and the pairing are checked before anything is trained (`check_pairs`). A
     teacher-layer word other than "baseline" ("selected", a criterion) is read from stage 1's
-    manifest through `Manifest.teacher_layers` (stage 1 runs first when the profile is missing):
-    stage 2 never selects layers itself.
+    manifest through `Manifest.teacher_layers` (`manifest`, or stage 1's for `cfg`, run first when
+    the profile is missing): stage 2 never selects layers itself.
     """
     teacher_layers, student_layers = check_pairs(cfg, spec, data)
     if isinstance(teacher_layers, str):
-        teacher_layers = profile.manifest_for(cfg, data).teacher_layers(teacher_layers)
+        teacher_layers = (manifest or profile.manifest_for(cfg, data)).teacher_layers(teacher_layers)
     return teacher_layers, student_layers
+
+
+def run_dirs(cfg: Config, data: Data, spec: MethodSpec, teacher_layers: list[int], seeds: list[int]) -> dict[int, Path]:
+    """Seed -> the run directory of `spec` with these resolved teacher layers (common/artifacts.py)."""
+    use = artifacts.teacher_use(teacher_layers, cfg.profile.cache_dtype) if spec.needs_teacher else None
+    method = dataclasses.asdict(spec)
+    return {s: artifacts.run_dir(cfg, data, method, use, s) for s in seeds}
 
 
 def check_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int] | str, list[int]]:
@@ -69,7 +72,7 @@ def check_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int] | 
     Returns the teacher layers (indices, or the profile word to read from the manifest) and the
     student layers.
     """
-    if spec.feature_loss == "none" and not spec.teacher_head:
+    if not (spec.needs_teacher_features or spec.needs_teacher_model):
         return [], []
     n_teacher = len(list_layers(cfg, data))
     n_student = len(list_layers(dataclasses.replace(cfg, teacher=cfg.student), data))
@@ -123,14 +126,12 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     device = distributed.device_for(ranks, resolve_device(cfg.train.device))
     distributed.init(ranks, device)
     spec = resolve_method(cfg.method)
-    method = dataclasses.asdict(spec)
-    needs_teacher = uses_teacher(spec)
+    needs_teacher = spec.needs_teacher
     teacher_layers: list[int] = []
     student_layers: list[int] = []
     if needs_teacher:
         teacher_layers, student_layers = resolve_pairs(cfg, spec, data)  # checks lists before training
-    use = artifacts.teacher_use(teacher_layers, cfg.profile.cache_dtype) if needs_teacher else None
-    dirs = {s: artifacts.run_dir(cfg, data, method, use, s) for s in seeds}
+    dirs = run_dirs(cfg, data, spec, teacher_layers, seeds)
     todo = distributed.broadcast([s for s in seeds if not (dirs[s] / "done").exists()], ranks)  # one list for all ranks
     for s in sorted(set(seeds) - set(todo)):
         log.info("distill %s seed %d: finished, skipping (%s)", spec.name, s, dirs[s])
@@ -146,7 +147,7 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
         log.info("distill %s: teacher layers %s -> student layers %s", spec.name, teacher_layers, student_layers)
 
     source = _teacher_source(cfg, data, spec, teacher_layers, device, ranks) if needs_teacher else None
-    teacher_model = load_teacher(cfg, data, device)[0] if spec.teacher_head else None
+    teacher_model = load_teacher(cfg, data, device)[0] if spec.needs_teacher_model else None
     for seed in todo:
         rdir = dirs[seed]
         with _run_lock(rdir, ranks):
@@ -177,7 +178,7 @@ def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int]
     source = cfg.train.teacher_source
     if source == "auto":
         source = "live" if cfg.train.augment else "cache"
-    logits = spec.kd_weight > 0
+    logits = spec.needs_teacher_logits
     if source == "live":
         teacher, _ = load_teacher(cfg, data, device)
         return LiveTeacher(teacher, layers, logits)
@@ -240,7 +241,7 @@ def _train_one(
         batch_size=train_cfg.batch_size,
     )
     model_spec = MODELS.get(cfg.student.name)
-    lr = train_cfg.lr if train_cfg.lr is not None else (model_spec.lr_ce if spec.name == "ce" else model_spec.lr_kd)
+    lr = train_cfg.lr if train_cfg.lr is not None else (model_spec.lr_kd if spec.needs_teacher else model_spec.lr_ce)
     if ranks.is_main:
         (rdir / "failed").unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
     try:

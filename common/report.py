@@ -7,7 +7,9 @@ Implements METHOD section 10 with the reporting decisions of section 0 item 8:
   the best validation accuracy;
 * across the runs of one method: mean and POPULATION std (ddof=0, as the reference's np.std);
   the reference's "drop runs more than 1 pt below the best run" rule only with `drop_outliers`;
-* gain over the CE student, ARI (METHOD 10), epochs-to-target and wall-clock time to target.
+* gain over the CE student, ARI (METHOD 10), epochs-to-target and wall-clock time to target;
+* headroom: teacher minus CE student per pair, and a plain warning when it is too small for a
+  distillation gain to be told from seed noise (`headroom_too_small`).
 
 Only finished runs (a `done` file) are averaged; the others are listed in a table of their own
 with a status: `running` (a live process holds the run's lock), `failed` (a `failed` file: the
@@ -41,6 +43,11 @@ TEACHER = "teacher"  # method label of the teacher rows of the accuracy table
 ARI_CUTOFF = 0.5  # METHOD 10: only competitors with Delta_m >= 0.5 pt enter the ARI
 ARI_MAX = 15.0  # METHOD 10: ARI outside (0, 15) is shown as "unstable"
 OUTLIER_TOLERANCE = 1.0  # METHOD 10: runs more than 1 pt below the best run are outliers
+# Headroom (issue 10 item 3): teacher minus CE student, best-epoch accuracy. Below the larger of
+# 1 point and twice the CE student's seed std, a distilled student cannot show a gain that is
+# told apart from seed noise: the report says so.
+HEADROOM_MIN_POINTS = 1.0
+HEADROOM_STD_FACTOR = 2.0
 
 # Settings of a run that do not define its training regime; ignored when matching a method to
 # its CE baseline. `lr` is ignored on purpose: the reference gives KD students another peak LR
@@ -459,6 +466,59 @@ def _teacher_rows(done: pd.DataFrame, teachers: pd.DataFrame | None) -> list[dic
     return rows
 
 
+def headroom_too_small(headroom: float, ce_std: float) -> bool:
+    """The rule of `HEADROOM_MIN_POINTS`: headroom < max(1 point, 2 x the CE student's
+    population std over seeds); a NaN std (one seed) counts as 0, leaving the 1-point floor."""
+    noise = 0.0 if math.isnan(ce_std) else HEADROOM_STD_FACTOR * ce_std
+    return headroom < max(HEADROOM_MIN_POINTS, noise)
+
+
+def headroom_sentence(pair: str, teacher_acc: float, ce_mean: float, ce_std: float, n_ce: int) -> str:
+    """One plain sentence on a pair's headroom (teacher minus CE student, points)."""
+    where = _pair_label(pair)
+    if math.isnan(ce_mean):
+        return f"{where}: no finished CE student runs, so the headroom is unknown; run `make distill METHOD=ce` with the same settings."
+    headroom = teacher_acc - ce_mean
+    ce = f"CE student {_pm(ce_mean, ce_std)} % over {n_ce} seed{'s' if n_ce != 1 else ''}"
+    text = f"{where}: teacher {teacher_acc:.2f} %, {ce}, headroom {headroom:+.2f} points"
+    if n_ce == 1:
+        text += " (one CE seed: its seed noise is unknown)"
+    if not headroom_too_small(headroom, ce_std):
+        return text + "."
+    floor = max(HEADROOM_MIN_POINTS, 0.0 if math.isnan(ce_std) else HEADROOM_STD_FACTOR * ce_std)
+    return (f"{text}: **too small for distillation to show anything** (below {floor:.2f} points, the larger of "
+            f"{HEADROOM_MIN_POINTS:g} point and {HEADROOM_STD_FACTOR:g}x the CE student's seed std); differences between "
+            "methods here are mostly seed noise. Use a stronger teacher, a smaller student or less student training data.")
+
+
+def headroom_table(accuracy: pd.DataFrame) -> pd.DataFrame:
+    """Per pair and teacher: teacher best-epoch accuracy minus the matched CE student's mean
+    (the teacher row's gain, see `_add_gains`), the CE student's std and n, `too_small` by
+    `headroom_too_small`, and the sentence stage 3 prints."""
+    columns = ["dataset", "pair", "teacher_variant", "teacher_acc", "ce_variant", "ce_mean", "ce_std", "n_ce",
+               "headroom", "too_small", "sentence"]
+    rows = []
+    for _, t in accuracy[accuracy["method"] == TEACHER].iterrows():
+        ce = accuracy[(accuracy["dataset"] == t["dataset"]) & (accuracy["pair"] == t["pair"])
+                      & (accuracy["method"] == BASELINE) & (accuracy["variant"] == t["ce_variant"])]
+        ce_mean, ce_std, n_ce = (float(ce["best_mean"].iloc[0]), float(ce["best_std"].iloc[0]), int(ce["n_runs"].iloc[0])) \
+            if len(ce) else (float("nan"), float("nan"), 0)
+        headroom = float(t["best_mean"]) - ce_mean
+        rows.append(dict(dataset=t["dataset"], pair=t["pair"], teacher_variant=t["variant"], teacher_acc=float(t["best_mean"]),
+                         ce_variant=t["ce_variant"], ce_mean=ce_mean, ce_std=ce_std, n_ce=n_ce, headroom=headroom,
+                         too_small=bool(len(ce)) and headroom_too_small(headroom, ce_std),
+                         sentence=headroom_sentence(t["pair"], float(t["best_mean"]), ce_mean, ce_std, n_ce)))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def headroom_markdown(table: pd.DataFrame) -> str:
+    """The headroom sentences under the accuracy table (one per pair and teacher)."""
+    if table.empty:
+        return "Headroom: no finished teacher found, so the headroom over the CE student is unknown.\n"
+    lines = [f"- {r['dataset']}, {r['sentence']}" for _, r in table.iterrows()]
+    return "Headroom (teacher minus CE student, best-epoch accuracy):\n\n" + "\n".join(lines) + "\n"
+
+
 def epochs_to_target(runs: pd.DataFrame, target: float | None = None) -> pd.DataFrame:
     """Epochs (and wall-clock time) each method needs to reach the CE student's best accuracy.
 
@@ -588,7 +648,9 @@ def _accuracy_cells(table: pd.DataFrame, sep: str) -> tuple[list[str], list[list
         cells = [r["dataset"], _pair_label(r["pair"]), _method_label(r, table), n,
                  _pm(r["best_mean"], r["best_std"], sep), _pm(r["last_mean"], r["last_std"], sep)]
         cells += [_pm(r["best_val_mean"], r["best_val_std"], sep)] if has_val else []
-        cells += [_num(r["gain_best"], "{:+.2f}"), _text(r["ari_text"])]
+        gain = _num(r["gain_best"], "{:+.2f}")
+        gain += " (headroom)" if r["method"] == TEACHER and gain != "-" else ""
+        cells += [gain, _text(r["ari_text"])]
         rows.append(cells)
     return headers, rows
 
@@ -662,18 +724,21 @@ def unfinished_markdown(table: pd.DataFrame) -> str:
 
 
 def write_tables(accuracy: pd.DataFrame, epochs: pd.DataFrame, unfinished: pd.DataFrame,
-                 out_dir: Path) -> dict[str, Path]:
-    """accuracy.{csv,md,tex}, epochs_to_target.{csv,md}, unfinished.{csv,md}; returns name -> path."""
+                 out_dir: Path, headroom: pd.DataFrame | None = None) -> dict[str, Path]:
+    """accuracy.{csv,md,tex}, epochs_to_target.{csv,md}, unfinished.{csv,md}; returns name -> path.
+    With `headroom` (see `headroom_table`): headroom.csv too, and its sentences under accuracy.md's table."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     texts = {
-        "accuracy.md": accuracy_markdown(accuracy),
+        "accuracy.md": accuracy_markdown(accuracy) + ("\n" + headroom_markdown(headroom) if headroom is not None else ""),
         "accuracy.tex": accuracy_latex(accuracy),
         "epochs_to_target.md": epochs_markdown(epochs),
         "unfinished.md": unfinished_markdown(unfinished),
     }
     files: dict[str, Path] = {}
-    for name, frame in [("accuracy.csv", accuracy), ("epochs_to_target.csv", epochs), ("unfinished.csv", unfinished)]:
+    frames = [("accuracy.csv", accuracy), ("epochs_to_target.csv", epochs), ("unfinished.csv", unfinished)]
+    frames += [("headroom.csv", headroom)] if headroom is not None else []
+    for name, frame in frames:
         files[name] = out_dir / name
         atomic_write(files[name], lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     for name, text in texts.items():
@@ -815,7 +880,7 @@ def run(
     """Stage 3: find runs, build the tables, write them and the plots under `out_dir`.
 
     With a `methods` filter the CE student is always kept (gains, ARI and targets need it).
-    Returns {runs, teachers, accuracy, epochs_to_target, unfinished: DataFrames;
+    Returns {runs, teachers, accuracy, headroom, epochs_to_target, unfinished: DataFrames;
     markdown: {name: text}; files: {name: Path}; plots: [Path]}.
     """
     artifacts = Path(artifacts)
@@ -837,10 +902,11 @@ def run(
     ett = epochs_to_target(runs, target=target)
     unfinished = unfinished_table(runs, teachers)
     out_dir = Path(out_dir)
-    files = write_tables(accuracy, ett, unfinished, out_dir)
+    headroom = headroom_table(accuracy)
+    files = write_tables(accuracy, ett, unfinished, out_dir, headroom=headroom)
     plots = plot_accuracy_curves(runs, out_dir / "plots", teachers=teachers)
     plots += plot_all_profiles(artifacts, out_dir / "plots", datasets=datasets)
-    markdown = {"accuracy": accuracy_markdown(accuracy), "epochs_to_target": epochs_markdown(ett),
-                "unfinished": unfinished_markdown(unfinished)}
-    return dict(runs=runs, teachers=teachers, accuracy=accuracy, epochs_to_target=ett, unfinished=unfinished,
-                markdown=markdown, files=files, plots=plots)
+    markdown = {"accuracy": accuracy_markdown(accuracy), "headroom": headroom_markdown(headroom),
+                "epochs_to_target": epochs_markdown(ett), "unfinished": unfinished_markdown(unfinished)}
+    return dict(runs=runs, teachers=teachers, accuracy=accuracy, headroom=headroom, epochs_to_target=ett,
+                unfinished=unfinished, markdown=markdown, files=files, plots=plots)

@@ -102,7 +102,7 @@ def test_every_preset_trains_and_evaluates(name):
     sum(losses.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
-    assert distiller.needs_teacher_logits == (spec.kd_weight > 0)
+    assert spec.needs_teacher_logits == (spec.kd_weight > 0)
     assert distiller.teacher_layers == ([] if spec.feature_loss == "none" else TEACHER_LAYERS)
     distiller.eval()
     with torch.no_grad():
@@ -414,10 +414,10 @@ def test_one2one_needs_equally_many_layers():
 
 def test_kd_methods_need_teacher_logits():
     distiller, _, (images, labels, features, _) = setup("kd")
-    assert distiller.needs_teacher_logits and distiller.teacher_layers == []
+    assert distiller.spec.needs_teacher_logits and distiller.teacher_layers == []
     with pytest.raises(ValueError, match="teacher_logits"):
         distiller.forward_train(images, labels, features, None)
     ce, _, (images, labels, _, _) = setup("ce")
-    assert not ce.needs_teacher_logits
+    assert not ce.spec.needs_teacher_logits and not ce.spec.needs_teacher
     _, losses = ce.forward_train(images, labels, {}, None)
     assert set(losses) == {"ce"}

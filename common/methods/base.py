@@ -50,6 +50,27 @@ class MethodSpec:
     teacher_head: bool  # SimKD: logits from a trainable copy of the teacher's modules after its last distilled layer
 
 
+    # What the method takes from the teacher, declared once here; stage 2 builds only that.
+    @property
+    def needs_teacher_features(self) -> bool:
+        return self.feature_loss != "none"
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return self.kd_weight > 0
+
+    @property
+    def needs_teacher_model(self) -> bool:
+        """SimKD copies the teacher's modules after its last distilled layer into the student."""
+        return self.teacher_head
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Any knowledge from the teacher; a method without it is the CE student baseline
+        (METHOD 8.7: it trains at the model's CE learning rate, every other method at the KD one)."""
+        return self.needs_teacher_features or self.needs_teacher_logits or self.needs_teacher_model
+
+
 SPEC_FIELDS = tuple(f.name for f in fields(MethodSpec))
 
 
@@ -190,7 +211,6 @@ class Distiller(nn.Module):
         self.feature_term = feature_term
         self.student_layers: list[int] = list(context.student_layers)
         self.teacher_layers: list[int] = list(context.teacher_layers)
-        self.needs_teacher_logits: bool = spec.kd_weight > 0
         self.detach_after: int | None = max(self.student_layers) if spec.detach_head else None
 
     # -- pieces subclasses may override
@@ -239,7 +259,7 @@ class Distiller(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         if self.spec.ce_weight > 0:
             losses["ce"] = self.spec.ce_weight * F.cross_entropy(logits.float(), labels)
-        if self.spec.kd_weight > 0:
+        if self.spec.needs_teacher_logits:
             if teacher_logits is None:
                 raise ValueError(f"method '{self.spec.name}' uses KD: pass teacher_logits to forward_train")
             losses["kd"] = self.spec.kd_weight * kd_loss(
