@@ -8,6 +8,10 @@ never by re-threading `forward()`.
 Every model in `common.models` is *sequential*: running its linearised module list in order
 equals `model(x)`. That is what lets `run_after` continue a forward from any layer (the detached
 head of METHOD 8.1, SimKD's reused teacher head) without per-model code.
+
+A torchvision or timm model (`tv:` / `timm:` names) is not built that way; it carries a
+`LayerChain` instead (`common.models.discover`), an explicit module list that replays its forward
+and names its generalized layers and head, and every function below reads that list when present.
 """
 from __future__ import annotations
 
@@ -39,12 +43,38 @@ def _is_library_module(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] in ("torch", "torchvision")
 
 
+@dataclass(frozen=True)
+class LayerChain:
+    """An explicit linearisation, for models whose forward is not their children in order.
+
+    Running `items` in order on the model's input gives its logits; `boundaries` are the positions
+    of the generalized layers in `items` (in order), `head` the position where the head starts
+    (METHOD 4.1 rule 5). Each boundary item is a module the model's own forward calls exactly
+    once, so hooks on it see the feature during `model(x)`. Kept as the plain attribute
+    `model.layer_chain` (not a submodule: state dicts are the library's own), and deep-copied
+    with the model.
+    """
+
+    items: tuple[tuple[str, nn.Module], ...]
+    boundaries: tuple[int, ...]
+    head: int
+
+
+def layer_chain(model: nn.Module) -> LayerChain | None:
+    chain = getattr(model, "layer_chain", None)
+    return chain if isinstance(chain, LayerChain) else None
+
+
 def linearize(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's modules as a flat list of (path, module), METHOD 4.1 rule 1.
 
     Sequential/ModuleList are expanded; user-defined modules with children are expanded unless
-    they are boundaries; torch/torchvision modules and leaves are kept whole.
+    they are boundaries; torch/torchvision modules and leaves are kept whole. A model with a
+    `LayerChain` gives its chain's items.
     """
+    chain = layer_chain(model)
+    if chain is not None:
+        return list(chain.items)
     out: list[tuple[str, nn.Module]] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -71,6 +101,9 @@ class GenLayer:
 
 def generalized_layers(model: nn.Module) -> list[GenLayer]:
     """All generalized layers of `model`, in order (METHOD 4.1 rule 4)."""
+    chain = layer_chain(model)
+    if chain is not None:
+        return [GenLayer(i, chain.items[p][0], p, chain.items[p][1]) for i, p in enumerate(chain.boundaries)]
     layers = []
     for position, (path, module) in enumerate(linearize(model)):
         if is_boundary(module):
@@ -92,7 +125,11 @@ def resolve_layers(indices: Iterable[int], n_layers: int, what: str = "layer") -
 
 
 def head_position(model: nn.Module) -> int:
-    """Position in the linearised list of the first nn.Linear: the start of the head (METHOD 4.1 rule 5)."""
+    """Position in the linearised list of the first nn.Linear: the start of the head (METHOD 4.1 rule 5).
+    A `LayerChain` names it (the item holding the library's classifier)."""
+    chain = layer_chain(model)
+    if chain is not None:
+        return chain.head
     for position, (_, module) in enumerate(linearize(model)):
         if isinstance(module, nn.Linear):
             return position

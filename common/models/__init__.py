@@ -5,21 +5,28 @@ Every model here is *sequential* (running `common.layers.linearize(model)` in or
 (any size, e.g. 28, 32, 64) and a `width` multiplier for small CPU-sized versions. Width rules:
 ResNet/VGG round(c * width) (at least 1); MobileNetV2 rounds up to a multiple of 8; ViT keeps
 the heads and rounds the head dim (see `common.models.vit.scale_dims`).
+
+Besides these paper models, `tv:<name>` and `timm:<name>` name any torchvision or timm
+classifier (`common.models.external`); their specs are made on first use and are not listed by
+`MODELS.names()`. Their width is fixed (1.0), and they are not sequential: they carry a
+`common.layers.LayerChain` instead.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
 from common.errors import ConfigError
+from common.models import external
 from common.models.mobilenetv2 import mobilenetv2
 from common.models.pretrained import load_resnet, load_vgg, load_vit
 from common.models.resnet import resnet9, resnet18, resnet34
 from common.models.vgg import vgg11, vgg19
 from common.models.vit import vit, vit_b, vit_ett
-from common.registry import Registry
+from common.registry import Registry, UnknownNameError
 
 __all__ = ["MODELS", "ModelSpec", "create_model", "vit"]
 
@@ -33,9 +40,47 @@ class ModelSpec:
     lr_ce: float  # reference peak LR as a CE-only student / teacher (METHOD 8.7)
     lr_kd: float  # reference peak LR in KD configs (METHOD 8.7, 12.1)
     load_pretrained: Callable[[nn.Module, str], None] | None  # local torchvision ImageNet file
+    library: str | None = None  # "torchvision" / "timm" for tv:/timm: names (width fixed at 1.0)
 
 
-MODELS: Registry[ModelSpec] = Registry("model")
+# Peak LR of tv:/timm: models, as a CE-only model and in KD: the reference's AdamW/OneCycle value
+# for every paper model but its two small KD students (METHOD 8.7), ViTs included; not tuned per
+# library model (set train.lr / teacher_train.lr).
+EXTERNAL_LR = 0.01
+
+
+class ModelRegistry(Registry[ModelSpec]):
+    """The paper's models by name, plus `tv:<name>` / `timm:<name>` made on first use."""
+
+    def get(self, name: str) -> ModelSpec:
+        if external.split_name(name) is not None:
+            return _external_spec(name)
+        try:
+            return super().get(name)
+        except UnknownNameError as exc:
+            raise UnknownNameError(
+                f"{exc}; or any torchvision / timm classifier as tv:<name> / timm:<name>, e.g. tv:resnet18"
+            ) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _external_spec(name: str) -> ModelSpec:
+    """Baseline list and family from `external.describe` (shapes at the model's default size);
+    LRs `EXTERNAL_LR`; any local checkpoint of the architecture loads (`external.load_checkpoint`)."""
+    facts = external.describe(name)
+    return ModelSpec(
+        name,
+        functools.partial(external.build, name),
+        facts.baseline_layers,
+        facts.family,
+        EXTERNAL_LR,
+        EXTERNAL_LR,
+        functools.partial(external.load_checkpoint, name=name),
+        library=external.LIBRARIES[name.partition(":")[0]],
+    )
+
+
+MODELS: ModelRegistry = ModelRegistry("model")
 
 for _spec in (
     ModelSpec("resnet9", resnet9, (1, 2, 3, 4), "cnn", 0.01, 0.05, None),
@@ -60,13 +105,15 @@ def create_model(
     width: float = 1.0,
     pretrained: str | None = None,
 ) -> nn.Module:
-    """Build a registered model, optionally with local ImageNet weights (METHOD 3)."""
+    """Build a registered (or tv:/timm:) model, optionally with local weights (METHOD 3)."""
     spec = MODELS.get(name)
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if int(value) != value or value < 1:
             raise ConfigError(f"model {key} must be a positive integer, got {value!r}; fix it in the config")
     if not width > 0:
         raise ConfigError(f"model.width must be > 0, got {width!r}; use e.g. 1.0 or 0.25")
+    if spec.library is not None and width != 1.0:
+        raise external.width_error(name, width)
     if pretrained is not None:
         if spec.load_pretrained is None:
             raise ConfigError(f"model '{name}' has no ImageNet loader; set model.pretrained: null")

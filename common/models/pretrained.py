@@ -1,5 +1,8 @@
 """Load LOCAL torchvision ImageNet state-dict files into our CIFAR-style models (METHOD 3).
 
+The readers (`read_state_dict`, `load_checked`) also serve torchvision/timm models by name
+(`common.models.external.load_checkpoint`).
+
 Nothing is ever downloaded: `path` is a file the user placed on disk (e.g. resnet34-333f7ec4.pth,
 vgg19_bn-c79401a0.pth, vit_b_16-c867db91.pth). Every problem (missing file, not a state dict,
 wrong architecture) is a one-line ConfigError naming the file. Random replacements use torch's
@@ -27,30 +30,48 @@ from common.models.vit import VisionTransformer
 StateDict = dict[str, torch.Tensor]
 
 
-def _fail(path: str, arch: str, problem: str) -> ConfigError:
-    return ConfigError(
-        f"pretrained file '{path}' does not fit {arch}: {problem}; "
-        f"set model.pretrained to a torchvision ImageNet {arch} state-dict file"
-    )
+NESTED_KEYS = ("state_dict", "model")  # training checkpoints keep the weights under one of these
 
 
-def read_state_dict(path: str, arch: str) -> StateDict:
-    """A plain {name: tensor} state dict from `path` (memory-mapped when the format allows)."""
+def _fail(path: str, arch: str, problem: str, hint: str | None = None) -> ConfigError:
+    hint = hint or f"set model.pretrained to a torchvision ImageNet {arch} state-dict file"
+    return ConfigError(f"pretrained file '{path}' does not fit {arch}: {problem}; {hint}")
+
+
+def read_state_dict(path: str, arch: str, hint: str | None = None) -> StateDict:
+    """A plain {name: tensor} state dict from `path` (memory-mapped when the format allows).
+
+    A .safetensors file is read with safetensors; a torch file may hold the weights under
+    "state_dict" or "model" (training checkpoints), with DDP's "module." prefixes, which go.
+    """
     file = Path(path).expanduser()  # config files give ~/weights/... (configs/cifar10.yaml)
     if not file.is_file():
         raise ConfigError(
             f"pretrained file '{path}' not found; set model.pretrained to a local file (nothing is downloaded)"
         )
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
-    except Exception as exc:  # pickle, zip and torch errors all mean "not a readable checkpoint"
-        raise _fail(path, arch, f"it cannot be read as a torch checkpoint ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise _fail(path, arch, "it is not a plain {name: tensor} state dict")
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file), device="cpu")
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as exc:  # pickle, zip, safetensors and torch errors all mean "not a readable checkpoint"
+        kind = "a safetensors file" if file.suffix == ".safetensors" else "a torch checkpoint"
+        raise _fail(path, arch, f"it cannot be read as {kind} ({type(exc).__name__})", hint) from None
+    while isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        nested = next((state[k] for k in NESTED_KEYS if isinstance(state.get(k), dict)), None)
+        if nested is None:
+            break
+        state = nested
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise _fail(path, arch, "it is not a plain {name: tensor} state dict", hint)
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)
 
 
-def load_checked(model: nn.Module, state: StateDict, path: str, arch: str) -> None:
+def load_checked(model: nn.Module, state: StateDict, path: str, arch: str, hint: str | None = None) -> None:
     """Strict load, with key and shape mismatches reported in one line."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -66,7 +87,7 @@ def load_checked(model: nn.Module, state: StateDict, path: str, arch: str) -> No
         if items
     ]
     if problems:
-        raise _fail(path, arch, "; ".join(problems))
+        raise _fail(path, arch, "; ".join(problems), hint)
     model.load_state_dict(state, strict=True)
 
 
