@@ -26,6 +26,7 @@ method's layer word into indices with `Manifest.teacher_layers`.
 from __future__ import annotations
 
 import functools
+import shutil
 import logging
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import pandas as pd
 import torch
 import yaml
 
-from common import artifacts
+from common import artifacts, tracking
 from common.cache import POSITIONS, FeatureCache, storage_order, write_h5
 from common.config import Config, to_dict, validate_config
 from common.data import Data, load_data
@@ -384,7 +385,20 @@ def _write_selection(cfg: Config, pdir: Path, quality: pd.DataFrame, selected: l
          "baseline_layers": list(MODELS.get(cfg.teacher.name).baseline_layers)},
     )
     plot_quality(quality, selected, pdir / "quality.png", title=f"{cfg.teacher.name} on {cfg.dataset.name}")
+    _track_quality(cfg, pdir, quality)
     log.info("profile: selected teacher layers %s (%s)", selected, how)
+
+
+def _track_quality(cfg: Config, pdir: Path, quality: pd.DataFrame) -> None:
+    """The S/I/E/Q curve (step = layer index) for the teacher's tracker, replacing older events."""
+    shutil.rmtree(pdir / "tb", ignore_errors=True)
+    tracker = tracking.open_tracker(cfg.teacher_train.tracker, pdir, f"profile {cfg.teacher.name}", to_dict(cfg.profile))
+    try:
+        for _, row in quality.iterrows():
+            values = {f"quality/{c}": float(row[c]) for c in CRITERIA if c in row and pd.notna(row[c])}
+            tracker.log(values, int(row["layer"]))
+    finally:
+        tracker.close()
 
 
 def _write_manifest(

@@ -94,6 +94,7 @@ def ensure_teacher(cfg: Config, data: Data) -> Path:
                 weights_name=WEIGHTS,
                 weights_of=model,
                 desc=f"teacher {cfg.teacher.name}",
+                run_config=to_dict(cfg),
             )
         except Exception as exc:  # not KeyboardInterrupt/SIGTERM: an interrupted teacher resumes
             mark_failed(tdir, exc)

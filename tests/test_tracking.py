@@ -105,3 +105,22 @@ def test_epoch_scalars_groups_tags():
     assert tracking.epoch_scalars(row) == {
         "loss/train_loss": 1.0, "loss/loss_feat": 0.5, "accuracy/train_acc": 50.0, "accuracy/val_acc": 40.0, "lr": 0.1, "speed/images_per_s": 9.0,
     }
+
+
+def test_the_profile_writes_its_quality_curve_per_layer(tmp_path):
+    """Stage 1 logs S, I, E, Q per layer (step = layer index) for the teacher's tracker."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from common import profile
+    from tests.test_pipeline import tiny_config
+
+    cfg = tiny_config(tmp_path, "teacher_train.epochs=1", "profile.progress=false")
+    prof = profile.run(cfg, load_data(cfg.dataset))
+    quality = pd.read_csv(prof.dir / "quality.csv")
+    events = EventAccumulator(str(prof.dir / "tb"))
+    events.Reload()
+    q = events.Scalars("quality/Q")
+    assert [e.step for e in q] == list(quality["layer"])
+    assert [e.value for e in q] == pytest.approx(list(quality["Q"]), rel=1e-5)
+    assert {"quality/S", "quality/I", "quality/E"} <= set(events.Tags()["scalars"])
+    assert list(prof.dir.parent.glob("tb/events.out.tfevents.*"))  # the teacher's training is tracked too
