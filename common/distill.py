@@ -22,13 +22,14 @@ from common.config import Config, to_dict
 from common.data import Data
 from common.distributed import SINGLE, Ranks
 from common.errors import ConfigError
-from common.io import atomic_write_yaml, file_lock, mark_failed, versions
+from common.io import atomic_write_yaml, file_lock, mark_failed, ram_budget, versions
 from common.layers import resolve_layers
 from common.methods import MethodSpec, build_distiller, resolve_method
 from common.models import MODELS, create_model
 from common import profile
 from common.profile import layer_shapes, list_layers
-from common.teacher import CachedTeacher, LiveTeacher, ensure_teacher, load_teacher, ram_budget
+from common.teacher import ensure_teacher, load_teacher
+from common.teacher_source import CachedTeacher, LiveTeacher
 from common.train import CHECKPOINT, TeacherSource, finish, fit, resolve_device, seed_everything
 
 log = logging.getLogger("kd")

@@ -264,3 +264,14 @@ def versions() -> dict[str, str]:
         "cuda": torch.version.cuda or "none",
         "platform": platform.platform(),
     }
+
+
+def ram_budget() -> int:
+    """Half of the available memory (Linux /proc; 4 GiB elsewhere): the feature cache goes to
+    RAM when it fits in this."""
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+        return info.get("MemAvailable", 0) // 2
+    except OSError:
+        return 4 << 30

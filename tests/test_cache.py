@@ -324,7 +324,7 @@ def test_a_cache_of_some_rows_is_addressed_by_training_position(tmp_path: Path, 
 def test_disk_batches_mix_classes_even_when_the_split_is_stored_class_by_class(tmp_path: Path, monkeypatch) -> None:
     """Tiny ImageNet stores its training images class by class: position // 200 is the class here.
     Rows stored in `storage_order` make disk-block batches as mixed as random ones."""
-    from common.teacher import CachedTeacher
+    from common.teacher_source import CachedTeacher
 
     n, classes, batch = 2000, 10, 32
     positions = storage_order(torch.arange(n))
@@ -353,7 +353,7 @@ def test_disk_batches_mix_classes_even_when_the_split_is_stored_class_by_class(t
 
 def test_batch_order_does_not_depend_on_free_memory(tmp_path: Path) -> None:
     """The same seed gives the same batches whether the cache went to RAM or stays on disk."""
-    from common.teacher import CachedTeacher
+    from common.teacher_source import CachedTeacher
 
     data, path = make_data(), tmp_path / "f.h5"
     write(path, data)

@@ -16,7 +16,8 @@ from common.cache import FeatureCache
 from common.config import Config, load_config
 from common.data import load_data
 from common.errors import CacheError, ConfigError, TrainingError
-from common.teacher import CachedTeacher, LiveTeacher, load_teacher
+from common.teacher import load_teacher
+from common.teacher_source import CachedTeacher, LiveTeacher
 from common.train import fit
 from tests.fakedata import make_fashion_mnist
 
