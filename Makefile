@@ -21,10 +21,10 @@ COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
-.PHONY: setup test demo teacher profile layers distill study report bench bench-profile bench-quality clean-demo help
+.PHONY: setup test demo teacher profile layers distill study report export bench bench-export bench-profile bench-quality clean-demo help
 
 help:
-	@sed -n '1,5p' Makefile; echo; echo "targets: setup test demo teacher profile layers distill study report bench bench-profile bench-quality"
+	@sed -n '1,5p' Makefile; echo; echo "targets: setup test demo teacher profile layers distill study report export bench bench-export bench-profile bench-quality"
 
 setup:
 	@bash .ci/setup.sh
@@ -71,6 +71,12 @@ study: setup
 	done
 	$(PY) stage3_evaluate.py --study $(COMMON) $(STUDENT_ARGS) $(STUDY_ARGS) -- $(ARGS)
 
+# Each finished student as ONNX (opset 18) + TorchScript with its head, checked against PyTorch on
+# test images and timed on this CPU (export.yaml per run); stage 3 adds the table. Shared CPU: EXPORT_ARGS="--threads 1".
+EXPORT_ARGS ?=
+export: setup
+	$(PY) -m common.export --artifacts $(ARTIFACTS) $(if $(DATASET),--dataset $(DATASET)) $(EXPORT_ARGS)
+
 bench: setup
 	$(PY) bench/bench_epoch.py
 
@@ -83,3 +89,7 @@ bench-profile: setup
 # S/I/E/Q of one layer against its floor (one float32 N x D by D x N matmul), D = 512 to 65 536.
 bench-quality: setup
 	$(PY) bench/bench_quality.py
+
+# The four registry students at full width on CIFAR-100 shapes: export, check, latency table.
+bench-export: setup
+	$(PY) bench/bench_export.py --threads 1

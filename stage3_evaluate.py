@@ -2,7 +2,7 @@
 """Stage 3: accuracy and epochs-to-target tables and plots over every finished run.
 
 Writes <out>/accuracy.{csv,md,tex}, headroom.csv, epochs_to_target.{csv,md}, unfinished.{csv,md},
-PNG plots and report.html (all of them, and any layer-study report below <out>, in one offline
+export.{csv,md} and export_runs.csv (once `make export` has run), PNG plots and report.html (all of them, and any layer-study report below <out>, in one offline
 page), and prints the Markdown tables. Unfinished or failed runs are listed, never averaged in.
 
 With --study: the layer-selection study's report instead (common/study.py), for the config the
@@ -61,7 +61,7 @@ def body() -> int:
     from common.report_html import write_html
 
     page = write_html(out)  # every table and plot under `out`, the layer study's too when it is there
-    print(f"reports written to {out} (tables: accuracy, headroom, epochs_to_target, unfinished as .csv/.md, accuracy.tex; plots in {out / 'plots'}; all in one page: {page})")
+    print(f"reports written to {out} (tables: accuracy, headroom, epochs_to_target, unfinished, export as .csv/.md, accuracy.tex; plots in {out / 'plots'}; all in one page: {page})")
     return 0
 
 

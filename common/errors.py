@@ -28,3 +28,7 @@ class TrainingError(UserError):
 
 class DiskFullError(UserError):
     """A write ran out of disk space; its temp file is removed and the old artifact kept."""
+
+
+class ExportError(UserError):
+    """A student does not export, or its exported file does not give PyTorch's outputs."""

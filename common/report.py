@@ -908,5 +908,11 @@ def run(
     plots += plot_all_profiles(artifacts, out_dir / "plots", datasets=datasets)
     markdown = {"accuracy": accuracy_markdown(accuracy), "headroom": headroom_markdown(headroom),
                 "epochs_to_target": epochs_markdown(ett), "unfinished": unfinished_markdown(unfinished)}
+    from common.export import write_export_tables  # torch-free like this module; imports this module at its top
+
+    export_md, export_files = write_export_tables(runs, out_dir, accuracy)
+    files.update(export_files)
+    if export_md:
+        markdown["export"] = export_md
     return dict(runs=runs, teachers=teachers, accuracy=accuracy, headroom=headroom, epochs_to_target=ett,
                 unfinished=unfinished, markdown=markdown, files=files, plots=plots)
