@@ -44,24 +44,16 @@ def parser(description: str) -> Parser:
 def build_config(args: argparse.Namespace, flag_keys: dict[str, str]) -> Config:
     """Config from --config, then the flags in `flag_keys` (attr -> config key), then overrides."""
     overrides = []
-    for attr, key in {"dataset": "dataset.name", "data_root": "dataset.root", "teacher": "teacher.name", "artifacts": "artifacts", **flag_keys}.items():
+    # --seeds "0 1 2" / 0,1,2 goes in as a string too: the config parses integer lists in one place.
+    flags = {"dataset": "dataset.name", "data_root": "dataset.root", "teacher": "teacher.name", "artifacts": "artifacts", "seeds": "seeds", **flag_keys}
+    for attr, key in flags.items():
         value = getattr(args, attr, None)
         if value is not None:  # quoted: a flag's value is a string even when it looks like YAML ("yes", "1e3", "a: b")
             overrides.append(f"{key}={json.dumps(value)}")
-    if getattr(args, "seeds", None) is not None:  # a flag like the others, so seeds are validated with the config
-        overrides.append(f"seeds={parse_seeds([args.seeds])}")
     overrides += list(args.overrides)
     if args.quiet:
         overrides += ["train.progress=false", "teacher_train.progress=false", "profile.progress=false"]
     return load_config(args.config, overrides)
-
-
-def parse_seeds(values: list[str]) -> list[int]:
-    """Seeds as given by make/shell loops: "0 1 2", "0,1,2" or separate arguments."""
-    try:
-        return [int(v) for v in " ".join(values).replace(",", " ").split()]
-    except ValueError:
-        raise UserError(f"--seeds takes integers, got {' '.join(values)!r}; e.g. --seeds \"0 1 2\" or --seeds 0,1,2") from None
 
 
 class Terminated(KeyboardInterrupt):

@@ -271,7 +271,8 @@ def _int_list(value: str, where: str) -> list[int]:
     try:
         return [int(v) for v in value.replace(",", " ").split()]
     except ValueError:
-        raise ConfigError(f"config key '{where}' must be a list of integers, got {value!r}") from None
+        example = '; e.g. --seeds "0 1 2", --seeds 0,1,2 or seeds=[0,1,2]' if where == "seeds" else f", e.g. {where}=[0,1,2]"
+        raise ConfigError(f"config key '{where}' must be a list of integers, got {value!r}{example}") from None
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null (empty)"}
@@ -400,10 +401,6 @@ def _default_section(where: str) -> Any:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
-
-
-def to_yaml(obj: Any) -> str:
-    return yaml.safe_dump(to_dict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=False)
 
 
 def short_hash(obj: Any, n: int = 8) -> str:

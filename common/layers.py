@@ -6,8 +6,8 @@ output. Features are taken with forward hooks on the named modules (METHOD secti
 never by re-threading `forward()`.
 
 Every model in `common.models` is *sequential*: running its linearised module list in order
-equals `model(x)`. That is what lets `run_after` continue a forward from any layer (the detached
-head of METHOD 8.1, SimKD's reused teacher head) without per-model code.
+equals `model(x)`. That is what lets `modules_after` continue a forward from any layer (SimKD's
+reused teacher head) without per-model code.
 
 A torchvision or timm model (`tv:` / `timm:` names) is not built that way; it carries a
 `LayerChain` instead (`common.models.discover`), an explicit module list that replays its forward
@@ -150,11 +150,6 @@ def modules_after(model: nn.Module, layer: int) -> nn.Sequential:
     gen = generalized_layers(model)
     (layer,) = resolve_layers([layer], len(gen))
     return nn.Sequential(*[m for _, m in linearize(model)[gen[layer].position + 1 :]])
-
-
-def run_after(model: nn.Module, x: torch.Tensor, layer: int) -> torch.Tensor:
-    """Continue a forward pass from the output `x` of generalized layer `layer` to the logits."""
-    return modules_after(model, layer)(x)
 
 
 class _StopForward(Exception):

@@ -155,7 +155,7 @@ CASES = [
     # files
     ("yaml-syntax", "s1", ["--config", "{bad}/syntax.yaml"], ["syntax.yaml", "not valid YAML", "line"]),
     ("missing-config", "s2", ["--config", "{bad}/nope.yaml"], ["nope.yaml", "not found"]),
-    ("seeds-not-integers", "s2", ["--seeds", "0 x"], ["--seeds takes integers"]),
+    ("seeds-not-integers", "s2", ["--seeds", "0 x"], ["'seeds' must be a list of integers, got '0 x'", '--seeds "0 1 2"']),
     ("seed-fraction", "s2", ["seeds=[0.5]"], ["seeds[0]", "integer"]),
     ("seeds-empty", "s2", ["seeds=[]"], ["seeds is empty"]),
     ("artifacts-is-a-file", "s1", ["artifacts={bad}/afile"], ["afile is a file"]),
