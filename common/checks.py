@@ -8,7 +8,7 @@ Each check lives where its subject does; this module only runs them in order, ch
 path), the model, dataset and method names (`common.teacher.check_names`, the registries), the
 devices, `common.data.load_data` (data errors), then the layer counts of an untrained teacher
 and student, `common.profile.validate`, and the training and analysis subsets. Stage 2's layer
-pairing is checked by `common.distill.check_pairs`, before the profile is read or built.
+pairing is checked by `common.distill.check_layer_lists`, before the profile is read or built.
 """
 from __future__ import annotations
 

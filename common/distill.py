@@ -43,15 +43,15 @@ class RunResult:
     best_test_acc: float | None = None
 
 
-def resolve_pairs(cfg: Config, spec: MethodSpec, data: Data, manifest: profile.Manifest | None = None) -> tuple[list[int], list[int]]:
+def resolve_layer_lists(cfg: Config, spec: MethodSpec, data: Data, manifest: profile.Manifest | None = None) -> tuple[list[int], list[int]]:
     """Teacher and student layer lists of a feature method (METHOD 7; section 0 item 4).
 
-    Explicit lists and the pairing are checked before anything is trained (`check_pairs`). A
+    Explicit lists and the pairing are checked before anything is trained (`check_layer_lists`). A
     teacher-layer word other than "baseline" ("selected", a criterion) is read from stage 1's
     manifest through `Manifest.teacher_layers` (`manifest`, or stage 1's for `cfg`, run first when
     the profile is missing): stage 2 never selects layers itself.
     """
-    teacher_layers, student_layers = check_pairs(cfg, spec, data)
+    teacher_layers, student_layers = check_layer_lists(cfg, spec, data)
     if isinstance(teacher_layers, str):
         teacher_layers = (manifest or profile.manifest_for(cfg, data)).teacher_layers(teacher_layers)
     return teacher_layers, student_layers
@@ -64,8 +64,8 @@ def run_dirs(cfg: Config, data: Data, spec: MethodSpec, teacher_layers: list[int
     return {s: artifacts.run_dir(cfg, data, method, use, s) for s in seeds}
 
 
-def check_pairs(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int] | str, list[int]]:
-    """The layer lists of `resolve_pairs`, checked without reading or building the profile:
+def check_layer_lists(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int] | str, list[int]]:
+    """The layer lists of `resolve_layer_lists`, checked without reading or building the profile:
     indices in range and listed once, as many teacher as student layers for a one-to-one mapping.
     Explicit lists keep the order given: one-to-one pairs the i-th teacher layer with the i-th
     student layer, so [15, 14, 13, 12] against [1, 3, 5, 7] is the reversed map.
@@ -114,7 +114,7 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     """Train one student per seed (skipping finished runs); returns what happened per seed.
 
     Unfinished runs resume from their checkpoint unless `restart`, which starts them over. The
-    whole config is checked first (common.checks, then the layer pairing in `resolve_pairs`),
+    whole config is checked first (common.checks, then the layer pairing in `resolve_layer_lists`),
     before a teacher or profile is built or a directory is made.
 
     Under torchrun (`ranks`, see common/distributed.py) every rank calls this: the teacher and
@@ -131,7 +131,7 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     teacher_layers: list[int] = []
     student_layers: list[int] = []
     if needs_teacher:
-        teacher_layers, student_layers = resolve_pairs(cfg, spec, data)  # checks lists before training
+        teacher_layers, student_layers = resolve_layer_lists(cfg, spec, data)  # checks lists before training
     dirs = run_dirs(cfg, data, spec, teacher_layers, seeds)
     todo = distributed.broadcast([s for s in seeds if not (dirs[s] / "done").exists()], ranks)  # one list for all ranks
     for s in sorted(set(seeds) - set(todo)):

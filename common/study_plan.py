@@ -263,7 +263,7 @@ def arm_run_dirs(cfg: Config, data: Any, arm: Arm, seeds: Sequence[int], manifes
 
     arm_cfg = arm_config(cfg, arm)
     spec = resolve_method(arm_cfg.method)
-    teacher_layers = distill.resolve_pairs(arm_cfg, spec, data, manifest)[0] if spec.needs_teacher else []
+    teacher_layers = distill.resolve_layer_lists(arm_cfg, spec, data, manifest)[0] if spec.needs_teacher else []
     return distill.run_dirs(arm_cfg, data, spec, teacher_layers, [int(s) for s in seeds])
 
 

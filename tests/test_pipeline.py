@@ -277,7 +277,7 @@ def test_one2one_needs_equal_layer_counts(profiled):
 
     cfg2 = load_config(None, [f"dataset.root={cfg.dataset.root}", "teacher.name=resnet18", "method.name=ours", "method.student_layers=[1,2]", "profile.layers=[1,2,3]"])
     with pytest.raises(ConfigError, match="one-to-one"):
-        distill.resolve_pairs(cfg2, resolve_method(cfg2.method), data)
+        distill.resolve_layer_lists(cfg2, resolve_method(cfg2.method), data)
 
 
 def test_two_processes_share_one_teacher(tmp_path):
@@ -357,6 +357,6 @@ def test_explicit_layer_lists_keep_their_order(profiled):
     from common.methods import resolve_method
 
     cfg2 = load_config(None, [f"dataset.root={cfg.dataset.root}", "teacher.name=resnet18", "method.name=ours", "method.teacher_layers=[4,3,-2,1]", "method.student_layers=[5,4,2,1]"])
-    teacher_layers, student_layers = distill.resolve_pairs(cfg2, resolve_method(cfg2.method), data)
+    teacher_layers, student_layers = distill.resolve_layer_lists(cfg2, resolve_method(cfg2.method), data)
     n_teacher = len(profile.list_layers(cfg2, data))
     assert teacher_layers == [4, 3, n_teacher - 2, 1] and student_layers == [5, 4, 2, 1]
