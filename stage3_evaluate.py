@@ -24,11 +24,13 @@ from common import cli
 
 
 def body() -> int:
+    from common.discovery import PAIRS_HELP
+
     p = cli.Parser(__doc__)
     p.add_argument("--artifacts", default=None, help="artifacts directory to scan (default: artifacts; with --study: the config's)")
     p.add_argument("--out", default=None, help="output directory (default: <artifacts>/reports)")
     p.add_argument("--dataset", nargs="*", default=None, help="only these datasets")
-    p.add_argument("--pairs", nargs="*", default=None, help="only these teacher:student pairs, e.g. resnet34:resnet9")
+    p.add_argument("--pairs", nargs="*", default=None, help=PAIRS_HELP)
     p.add_argument("--methods", nargs="*", default=None, help="only these methods")
     p.add_argument("--target", type=float, default=None, help="target accuracy in percent (default: the CE student's best)")
     p.add_argument("--drop-outliers", action="store_true", help="the paper's rule: drop runs more than 1 point below the best run")
@@ -54,8 +56,7 @@ def body() -> int:
 
     from common.report import run
 
-    pairs = [pair.replace(":", "__") for pair in args.pairs] if args.pairs else None
-    result = run(artifacts, out, datasets=args.dataset, pairs=pairs, methods=args.methods, target=args.target, drop_outliers=args.drop_outliers)
+    result = run(artifacts, out, datasets=args.dataset, pairs=args.pairs, methods=args.methods, target=args.target, drop_outliers=args.drop_outliers)
     for name, text in result["markdown"].items():
         print(f"\n## {name}\n\n{text}")
     from common.report_html import write_html
@@ -103,8 +104,11 @@ def _refuse_study_flags(args: argparse.Namespace) -> None:
 def _check_args(args: argparse.Namespace, artifacts: Path, out: Path) -> None:
     """Bad flags stop here with one line, before anything is read or written."""
     from common.artifacts import check_writable
+    from common.discovery import pair_dir_name
     from common.errors import ConfigError
 
+    for pair in args.pairs or []:
+        pair_dir_name(pair)  # a pair that does not read one way stops here, before the scan
     if args.target is not None and not 0 < args.target <= 100:
         raise ConfigError(f"--target {args.target:g} is not an accuracy; give a percentage in (0, 100], e.g. --target 90")
     if artifacts.exists() and not artifacts.is_dir():

@@ -26,11 +26,13 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from common.config import Config, TrainConfig, short_hash
-from common.data import Data
 from common.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: stage 3 reads the layout without importing torch
+    from common.data import Data
 
 # Settings that never change what a run produces.
 _RUNTIME_ONLY = ("progress", "device", "eval_batch_size", "teacher_source", "seed", "tracker")

@@ -1,6 +1,6 @@
 """Students you can ship: every finished student run as ONNX and TorchScript, checked and timed.
 
-For each finished run (a `done` file; found by `common.report.find_runs`, the discovery stage 3
+For each finished run (a `done` file; found by `common.discovery.find_runs`, the discovery stage 3
 uses) the student is rebuilt from the run's config.yaml and the "best" weights of student.pt,
 and three files are written into the run directory, each atomically, export.yaml last:
 
@@ -44,9 +44,11 @@ import yaml
 
 from common import cli
 from common.config import DatasetConfig, ModelConfig, from_dict
+from common.discovery import PAIRS_HELP, find_runs
 from common.errors import ConfigError, DataError, ExportError, UserError
 from common.io import atomic_write, atomic_write_text, atomic_write_yaml, code_version, file_lock, sha256_file
-from common.report import _method_label, _method_rank, _num, _pair_label, find_runs, markdown_table
+from common.report_stats import method_rank
+from common.table_format import markdown_table, method_label, number_cell, pair_label
 
 if TYPE_CHECKING:  # torch, onnx and the data module load only when a run is exported
     import torch
@@ -417,8 +419,9 @@ def export_all(
     methods: Iterable[str] | None = None,
     settings: ExportSettings = ExportSettings(),
 ) -> list[ExportResult]:
-    """`export_run` for every finished run that `common.report.find_runs` lists under the filters
-    (pairs 'teacher:student', methods a name or 'name-hash8'); unfinished runs are left alone."""
+    """`export_run` for every finished run that `common.discovery.find_runs` lists under the filters
+    (pairs as `common.discovery.pair_dir_name` reads them, methods a name or 'name-hash8');
+    unfinished runs are left alone."""
     artifacts = Path(artifacts)
     if not artifacts.is_dir():
         raise DataError(f"artifacts directory {artifacts} not found; pass the directory stage 2 wrote to (--artifacts DIR)")
@@ -468,7 +471,7 @@ _LATENCY_COLUMNS = {"ort_b1_ms": ("batch1", "onnxruntime"), "torch_b1_ms": ("bat
 
 
 def export_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per finished run of `runs` (from `common.report.find_runs`): export is 'exported'
+    """One row per finished run of `runs` (from `common.discovery.find_runs`): export is 'exported'
     (export.yaml up to date), 'stale' (student.pt changed since) or 'missing'; the numbers of its
     export.yaml (NaN unless exported), latencies as medians in ms per batch."""
     rows = []
@@ -509,7 +512,7 @@ def export_summary(table: pd.DataFrame) -> pd.DataFrame:
         row["machines"] = "; ".join(sorted({f"{r['cpu']}, {int(r['threads'])} threads" for _, r in done.iterrows()}))
         rows.append(row)
     out = pd.DataFrame(rows, columns=_SUMMARY_COLUMNS)
-    out["_rank"] = out["method"].map(lambda m: _method_rank(m, "ours"))
+    out["_rank"] = out["method"].map(lambda m: method_rank(m, "ours"))
     return out.sort_values(["dataset", "pair", "_rank", "method", "variant"], ignore_index=True)[_SUMMARY_COLUMNS]
 
 
@@ -524,12 +527,13 @@ def export_markdown(summary: pd.DataFrame, accuracy: pd.DataFrame | None = None)
     rows = []
     for _, r in summary.iterrows():
         n = str(r["n_exported"]) if r["n_exported"] == r["n_runs"] else f"{r['n_exported']}/{r['n_runs']}"
-        cells = [r["dataset"], _pair_label(r["pair"]), _method_label(r, summary), n]
+        cells = [r["dataset"], pair_label(r["pair"]), method_label(r, summary), n]
         if acc:
-            cells.append(_num(acc.get((r["dataset"], r["pair"], r["method"], r["variant"]))))
-        cells += [_num(r["params"] / 1e6, "{:.3f}"), _num(r["macs"] / 1e6, "{:.1f}"), _num(r["onnx_bytes"] / 1e6, "{:.2f}")]
-        cells += [_num(r[c], "{:.2f}") for c in _LATENCY_COLUMNS]
-        cells += [_num(r["onnx_max_diff"], "{:.1e}"), _num(r["torchscript_max_diff"], "{:.1e}")]
+            cells.append(number_cell(acc.get((r["dataset"], r["pair"], r["method"], r["variant"]))))
+        cells += [number_cell(r["params"] / 1e6, "{:.3f}"), number_cell(r["macs"] / 1e6, "{:.1f}"),
+                  number_cell(r["onnx_bytes"] / 1e6, "{:.2f}")]
+        cells += [number_cell(r[c], "{:.2f}") for c in _LATENCY_COLUMNS]
+        cells += [number_cell(r["onnx_max_diff"], "{:.1e}"), number_cell(r["torchscript_max_diff"], "{:.1e}")]
         rows.append(cells)
     machines = sorted({m for ms in summary["machines"].dropna() for m in str(ms).split("; ") if m})
     note = (
@@ -576,7 +580,7 @@ def body(argv: list[str] | None = None) -> int:
     p.prog = "python -m common.export"
     p.add_argument("--artifacts", default="artifacts", help="artifacts directory to scan (default: artifacts)")
     p.add_argument("--dataset", nargs="*", default=None, help="only these datasets")
-    p.add_argument("--pairs", nargs="*", default=None, help="only these teacher:student pairs, e.g. resnet34:resnet9")
+    p.add_argument("--pairs", nargs="*", default=None, help=PAIRS_HELP)
     p.add_argument("--methods", nargs="*", default=None, help="only these methods (or method-hash8 variants)")
     p.add_argument("--data-root", default=None, help="dataset directory, when it moved since training (replaces dataset.root)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default: every core this process may use)")

@@ -47,7 +47,7 @@ from common.layers import LayerInfo, extract, forward_with_features, layer_table
 from common.models import MODELS, create_model
 from common.quality import CRITERIA, draw_subsets, select_layers
 from common.quality_stream import stream_layer_stats
-from common.report import plot_quality
+from common.plots import plot_quality
 from common.teacher import checkpoint_sha, ensure_teacher, layer_name, load_teacher
 from common.train import resolve_device
 

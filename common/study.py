@@ -7,7 +7,7 @@
 writes the report. The plan (common/study_plan.py) is computed from stage 1's manifest by the
 same function in both places; the report finds each arm's runs in the directories stage 2 gives
 those overrides (`arm_run_dirs`: the config hash, so a run of other settings never mixes in), read
-through stage 3's own discovery (`common.report.find_runs`).
+through stage 3's own discovery (`common.discovery.find_runs`).
 
 Report (`<out>/layer_study.{csv,md}`, layer_study_{controls,correlations,runs}.csv, plots/):
 per teacher layer S, I, E, Q beside the single-layer student's accuracy (best-epoch test
@@ -27,13 +27,17 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
-from common import report
+from common.artifacts import pair_name, teacher_dir
 from common.config import Config
+from common.discovery import find_runs, read_metrics, run_summary
 from common.io import atomic_write, atomic_write_text
+from common.plots import QUALITY_STYLE, safe_filename, save_png
+from common.report_stats import mean_std
 from common.study_plan import (
     CONTROL, RANDOM_DRAWS, RANDOM_SEED, REFERENCE, SINGLE, StudyPlan, arm_run_dirs, plan_for, plan_lines,
 )
 from common.study_stats import LEVEL, N_BOOTSTRAP, Interval, bootstrap_spearman, difference_sentence, paired_difference
+from common.table_format import headroom_sentence, markdown_table
 
 CRITERIA = ("Q", "S", "I", "E", "sqrtIE")
 OURS_WORDS = "Q's layers (ours)"
@@ -45,8 +49,8 @@ OURS_WORDS = "Q's layers (ours)"
 def collect_runs(cfg: Config, data: Any, plan: StudyPlan, manifest: Any) -> pd.DataFrame:
     """One row per arm x seed of `cfg.seeds`: status, best-epoch test accuracy, the layers stage 2
     recorded (run.teacher_layers / run.student_layers) and the path; 'missing' without a directory."""
-    pair = f"{cfg.teacher.name}__{cfg.student.name}"
-    found = report.find_runs(Path(cfg.artifacts), datasets=[cfg.dataset.name], pairs=[pair])
+    pair = pair_name(cfg.teacher.name, cfg.student.name)
+    found = find_runs(Path(cfg.artifacts), datasets=[cfg.dataset.name], pairs=[pair])
     index = {(f"{r.method}-{r.variant}", int(r.seed)): r for r in found.itertuples()}
     rows = []
     for arm in plan.arms:
@@ -93,7 +97,7 @@ def layer_table(plan: StudyPlan, manifest: Any, runs: pd.DataFrame) -> pd.DataFr
     rows = []
     for arm in plan.of_kind(SINGLE):
         layer, accs = arm.teacher_layers[0], list(_accuracies(runs, arm.name).values())
-        mean, std = report.mean_std(accs)
+        mean, std = mean_std(accs)
         rows.append(dict(layer=layer, module=stats[layer].get("module"), student_layer=arm.student_layers[0],
                          **{c: float(stats[layer][c]) for c in CRITERIA}, top_k_Q=layer in top_q,
                          n=len(accs), acc_mean=mean, acc_std=std, arm=arm.name))
@@ -122,7 +126,7 @@ def control_table(plan: StudyPlan, runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for arm in plan.of_kind(REFERENCE) + plan.of_kind(CONTROL):
         accs = _accuracies(runs, arm.name)
-        mean, std = report.mean_std(list(accs.values()))
+        mean, std = mean_std(list(accs.values()))
         row = dict(arm=arm.name, label=arm.label, teacher_layers=_fmt_layers(arm.teacher_layers),
                    student_layers=_fmt_layers(arm.student_layers), n=len(accs), acc_mean=mean, acc_std=std)
         if arm.name != "ours":
@@ -232,24 +236,24 @@ def study_markdown(title: str, headroom: str, plan: StudyPlan, layers: pd.DataFr
     rows = [[str(r.layer), str(r.module), str(r.student_layer), *(f"{getattr(r, c):.4f}" for c in ("S", "I", "E", "Q")),
              "yes" if r.top_k_Q else "", _pm(r.acc_mean, r.acc_std), str(r.n), _opt(r.rank_Q), _opt(r.rank_acc)]
             for r in layers.itertuples()]
-    parts.append(report.markdown_table(["layer", "module", "student layer", "S", "I", "E", "Q", f"Q top-{plan.k}",
-                                        "accuracy (%)", "n", "rank by Q", "rank by accuracy"], rows))
+    parts.append(markdown_table(["layer", "module", "student layer", "S", "I", "E", "Q", f"Q top-{plan.k}",
+                                 "accuracy (%)", "n", "rank by Q", "rank by accuracy"], rows))
     parts.append(f"\n## Rank correlation with single-layer accuracy (Spearman, {pct} bootstrap CI over seeds)\n")
     rows = [[r.criterion, "-" if math.isnan(r.rho) else f"{r.rho:+.2f}", _ci(r.low, r.high), str(r.n_layers)]
             for r in correlations.itertuples()]
-    parts.append(report.markdown_table(["criterion", "rho", f"{pct} CI", "layers"], rows))
+    parts.append(markdown_table(["criterion", "rho", f"{pct} CI", "layers"], rows))
     parts.append(f"\n## Multi-layer controls vs ours (ours minus control, paired over seeds, {pct} t-interval)\n")
     rows = [[r.arm, r.label, r.teacher_layers, r.student_layers, _pm(r.acc_mean, r.acc_std), str(r.n),
              "" if r.arm == "ours" else ("-" if math.isnan(r.diff_mean) else f"{r.diff_mean:+.2f}"),
              "" if r.arm == "ours" else _ci(r.diff_low, r.diff_high)] for r in controls.itertuples()]
-    parts.append(report.markdown_table(["arm", "what", "teacher layers", "student layers", "accuracy (%)", "n",
-                                        "ours − arm", f"{pct} CI"], rows))
+    parts.append(markdown_table(["arm", "what", "teacher layers", "student layers", "accuracy (%)", "n",
+                                 "ours − arm", f"{pct} CI"], rows))
     parts.append("\n" + "\n".join(f"- {s}" for s in controls["sentence"].dropna()) + "\n")
     unfinished = runs[runs["status"] != "finished"]
     if not unfinished.empty:
         parts.append("\n## Runs not finished (not averaged)\n")
-        parts.append(report.markdown_table(["arm", "seed", "status", "error", "path"],
-                                           [[r.arm, str(r.seed), r.status, str(r.error or ""), r.path] for r in unfinished.itertuples()]))
+        parts.append(markdown_table(["arm", "seed", "status", "error", "path"],
+                                    [[r.arm, str(r.seed), r.status, str(r.error or ""), r.path] for r in unfinished.itertuples()]))
     if notes:
         parts.append("\n## Notes\n\n" + "\n".join(f"- {s}" for s in notes) + "\n")
     parts.append(_HOW_TO_READ)
@@ -280,7 +284,7 @@ def plot_criteria(layers: pd.DataFrame, path: Path, title: str) -> Path:
     fig = Figure(figsize=(10, 7.5))
     axes = fig.subplots(2, 2).ravel()
     done = layers[layers["n"] > 0]
-    for ax, (criterion, (label, colour)) in zip(axes, ((c, report._QUALITY_STYLE[c]) for c in ("Q", "S", "I", "E"))):
+    for ax, (criterion, (label, colour)) in zip(axes, ((c, QUALITY_STYLE[c]) for c in ("Q", "S", "I", "E"))):
         for top, marker_face in ((True, colour), (False, "white")):
             part = done[done["top_k_Q"] == top]
             ax.errorbar(part[criterion], part["acc_mean"], yerr=part["acc_std"], fmt="o", color=colour,
@@ -293,7 +297,7 @@ def plot_criteria(layers: pd.DataFrame, path: Path, title: str) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    report._save_png(fig, path)
+    save_png(fig, path)
     return path
 
 
@@ -311,7 +315,7 @@ def plot_controls(controls: pd.DataFrame, path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    report._save_png(fig, path)
+    save_png(fig, path)
     return path
 
 
@@ -319,7 +323,7 @@ def plot_controls(controls: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def default_out(cfg: Config) -> Path:
-    return Path(cfg.artifacts) / "reports" / "layer_study" / cfg.dataset.name / f"{cfg.teacher.name}__{cfg.student.name}"
+    return Path(cfg.artifacts) / "reports" / "layer_study" / cfg.dataset.name / pair_name(cfg.teacher.name, cfg.student.name)
 
 
 def run(cfg: Config, out_dir: Path | None = None, *, data: Any = None, n_boot: int = N_BOOTSTRAP, boot_seed: int = 0,
@@ -328,7 +332,6 @@ def run(cfg: Config, out_dir: Path | None = None, *, data: Any = None, n_boot: i
     writes layer_study.{csv,md}, layer_study_{controls,correlations,runs}.csv and two plots under
     `out_dir` (default `default_out`). plan_options: `layers`, `random_draws`, `random_seed`,
     as given to the plan. Nothing is trained or profiled here."""
-    from common import artifacts
     from common.data import load_data
 
     data = data if data is not None else load_data(cfg.dataset)
@@ -338,10 +341,10 @@ def run(cfg: Config, out_dir: Path | None = None, *, data: Any = None, n_boot: i
     correlations = correlation_table(layers, runs, n_boot=n_boot, seed=boot_seed)
     controls = control_table(plan, runs)
     found = findings(layers, correlations, controls, list(manifest.data["top_k"]["Q"]))
-    pair = f"{cfg.teacher.name}__{cfg.student.name}"
-    teacher = report.run_summary(report.read_metrics(artifacts.teacher_dir(cfg, data)))["best_test_acc"]
+    pair = pair_name(cfg.teacher.name, cfg.student.name)
+    teacher = run_summary(read_metrics(teacher_dir(cfg, data)))["best_test_acc"]
     ce = list(_accuracies(runs, "ce").values())
-    headroom = report.headroom_sentence(pair, teacher, *report.mean_std(ce), len(ce)) if not math.isnan(teacher) \
+    headroom = headroom_sentence(pair, teacher, *mean_std(ce), len(ce)) if not math.isnan(teacher) \
         else "The teacher has no finished metrics.csv: the headroom is unknown."
     off = mismatches(runs)
     notes = list(plan.notes) + ([f"{len(off)} finished runs ran other layers than planned (the arm's numbers mix "
@@ -352,7 +355,7 @@ def run(cfg: Config, out_dir: Path | None = None, *, data: Any = None, n_boot: i
     tables = {"layer_study.csv": layers, "layer_study_controls.csv": controls, "layer_study_correlations.csv": correlations,
               "layer_study_runs.csv": runs}
     files = write_files(out_dir, tables, markdown)
-    stem = f"layer_study_{report._safe(cfg.dataset.name)}_{report._safe(pair)}"
+    stem = f"layer_study_{safe_filename(cfg.dataset.name)}_{safe_filename(pair)}"
     plots = [plot_criteria(layers, out_dir / "plots" / f"{stem}_criteria.png", title),
              plot_controls(controls, out_dir / "plots" / f"{stem}_controls.png", title)]
     return dict(plan=plan, runs=runs, layers=layers, correlations=correlations, controls=controls, findings=found,

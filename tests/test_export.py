@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch import nn
 
-from common import cli, distill, export, latency, report
+from common import cli, discovery, distill, export, latency, tables
 from common.config import load_config, to_dict
 from common.data import load_data
 from common.errors import DataError
@@ -281,7 +281,7 @@ def test_unfinished_runs_left_alone_and_the_export_table(tmp_path, cifar):
     artifacts = tmp_path / "artifacts"
     finished = [write_run(artifacts, cifar, "resnet9", seed=s) for s in (0, 1)]
     running = write_run(artifacts, cifar, "resnet9", seed=2, done=False)
-    assert export.write_export_tables(report.find_runs(artifacts), tmp_path / "reports") == ("", {})  # no empty table
+    assert export.write_export_tables(discovery.find_runs(artifacts), tmp_path / "reports") == ("", {})  # no empty table
     results = export.export_all(artifacts, settings=FAST)
     assert [r.dir for r in results] == finished
     assert not any((running / name).exists() for name in OUTPUT_FILES)
@@ -290,7 +290,7 @@ def test_unfinished_runs_left_alone_and_the_export_table(tmp_path, cifar):
     (running / "done").write_text("2025-01-01T00:00:00\n")  # finished after the export: not exported yet
     saved = torch.load(finished[1] / "student.pt", weights_only=True)
     torch.save(saved | {"best_epoch": 2}, finished[1] / "student.pt")  # redone since its export
-    table = export.export_table(report.find_runs(artifacts))
+    table = export.export_table(discovery.find_runs(artifacts))
     assert dict(zip(table["seed"], table["export"])) == {0: "exported", 1: "stale", 2: "missing"}
     assert math.isnan(table.loc[table["seed"] == 2, "params"].iloc[0]) and str(running) in set(table["path"])
     summary = export.export_summary(table)
@@ -299,14 +299,14 @@ def test_unfinished_runs_left_alone_and_the_export_table(tmp_path, cifar):
     record = export.read_record(finished[0])
     assert (row["n_exported"], row["n_runs"], row["params"]) == (1, 3, record["params"])
     assert row["ort_b1_ms"] == record["latency"]["batch1"]["onnxruntime"]["median"]
-    accuracy = report.accuracy_table(report.find_runs(artifacts))
+    accuracy = tables.accuracy_table(discovery.find_runs(artifacts))
     text = export.export_markdown(summary, accuracy)
     header = text.splitlines()[0]
     for column in ["best (%)", "params (M)", "MMACs", "ONNX (MB)", "ORT b1 (ms)", "PyTorch b64 (ms)", "max diff ONNX"]:
         assert column in header
     assert "| 1/3 " in text and "40.00" in text and "1 threads" in text
     assert "best (%)" not in export.export_markdown(summary)
-    written, files = export.write_export_tables(report.find_runs(artifacts), tmp_path / "reports", accuracy)
+    written, files = export.write_export_tables(discovery.find_runs(artifacts), tmp_path / "reports", accuracy)
     assert written == text and (tmp_path / "reports" / "export.md").read_text() == text
     assert len(pd.read_csv(files["export.csv"])) == 1 and len(pd.read_csv(files["export_runs.csv"])) == 3
 

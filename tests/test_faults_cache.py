@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import artifacts, distill, profile, report
+from common import artifacts, discovery, distill, profile, report
 from common.cache import CHECKSUM, FeatureCache, write_h5
 from common.config import Config, load_config
 from common.data import Data, load_data
@@ -341,7 +341,7 @@ def _wait_for(find: Callable[[], list[Path]], proc: subprocess.Popen, timeout: f
 
 
 def _status(arts: Path, seed_dir: Path) -> tuple[str, str, int]:
-    runs = report.find_runs(arts)
+    runs = discovery.find_runs(arts)
     row = runs[runs["path"] == str(seed_dir)].iloc[0]
     return row["status"], row["error"], int(row["epochs"])
 
@@ -402,7 +402,7 @@ def test_report_tells_a_crash_with_its_error_from_running_and_interrupted_runs(t
     # A teacher that crashes is marked the same way.
     with pytest.raises(RuntimeError, match="simulated crash"):
         ensure_teacher(tree.cfg("teacher_train.epochs=2"), tree.data)
-    teachers = report.find_teachers(tree.arts)
+    teachers = discovery.find_teachers(tree.arts)
     assert list(teachers.loc[teachers["status"] != "finished", "error"]) == ["RuntimeError: simulated crash in evaluation"]
 
 

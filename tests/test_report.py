@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from common import report
-from common.errors import DataError
+from common import discovery, plots, report, report_stats, table_format, tables
+from common.errors import ConfigError, DataError
 
 PAIR = "resnet34__resnet9"
 TEACHER_ID = "resnet34-t0000000"
@@ -71,12 +71,12 @@ def row(table: pd.DataFrame, method: str, **where) -> pd.Series:
 def test_run_summary_best_last_and_test_at_best_val() -> None:
     metrics = pd.DataFrame({"epoch": [1, 2, 3, 4], "test_acc": [50.0, 70.0, 65.0, 60.0],
                             "val_acc": [40.0, 55.0, 72.0, 71.0], "elapsed_s": [1.0, 2.5, 4.0, 6.0]})
-    s = report.run_summary(metrics)
+    s = discovery.run_summary(metrics)
     assert s["best_test_acc"] == 70.0 and s["best_epoch"] == 2
     assert s["last_test_acc"] == 60.0
     assert s["test_at_best_val"] == 65.0  # epoch 3 has the best val accuracy
     assert s["epochs"] == 4 and s["total_time_s"] == 6.0
-    no_val = report.run_summary(metrics.drop(columns="val_acc"))
+    no_val = discovery.run_summary(metrics.drop(columns="val_acc"))
     assert math.isnan(no_val["test_at_best_val"]) and no_val["best_test_acc"] == 70.0
 
 
@@ -85,7 +85,7 @@ def test_find_runs_statuses_missing_seeds_and_filters(tmp_path: Path) -> None:
     make_run(tmp_path, "ce", 1, [61, 71], status="unfinished", seeds=[0, 1, 2])
     make_run(tmp_path, "kd", 0, [62, 72], status="failed")
     make_run(tmp_path, "kd", 0, [60, 70], dataset="cifar10")
-    runs = report.find_runs(tmp_path)
+    runs = discovery.find_runs(tmp_path)
     fm = runs[runs["dataset"] == "fashion_mnist"]
     status = {(r.method, r.seed): r.status for r in fm.itertuples()}
     assert status == {("ce", 0): "finished", ("ce", 1): "interrupted", ("ce", 2): "missing", ("kd", 0): "failed"}
@@ -93,10 +93,10 @@ def test_find_runs_statuses_missing_seeds_and_filters(tmp_path: Path) -> None:
     assert "loss is NaN" in failed["error"]
     first = row(fm, "ce", seed=0)
     assert (first["teacher"], first["student"], first["variant"]) == ("resnet34", "resnet9", "aaaaaaaa")
-    assert list(report.find_runs(tmp_path, datasets=["cifar10"])["dataset"].unique()) == ["cifar10"]
-    assert set(report.find_runs(tmp_path, methods=["kd"])["method"]) == {"kd"}
-    assert len(report.find_runs(tmp_path, pairs=["resnet34->resnet9"])) == len(runs)
-    assert report.find_runs(tmp_path, pairs=["vgg19__vgg11"]).empty
+    assert list(discovery.find_runs(tmp_path, datasets=["cifar10"])["dataset"].unique()) == ["cifar10"]
+    assert set(discovery.find_runs(tmp_path, methods=["kd"])["method"]) == {"kd"}
+    assert len(discovery.find_runs(tmp_path, pairs=["resnet34->resnet9"])) == len(runs)
+    assert discovery.find_runs(tmp_path, pairs=["vgg19__vgg11"]).empty
 
 
 # ----------------------------------------------------------------------------- accuracy table
@@ -109,8 +109,8 @@ def test_accuracy_mean_population_std_gain_and_exclusions(tmp_path: Path) -> Non
     make_run(tmp_path, "ce", 3, [99, 99], status="failed")
     make_run(tmp_path, "ours", 0, [75, 84, 85])
     make_teacher(tmp_path, [88.0, 93.5, 93.0])
-    runs = report.find_runs(tmp_path)
-    table = report.accuracy_table(runs, teachers=report.find_teachers(tmp_path))
+    runs = discovery.find_runs(tmp_path)
+    table = tables.accuracy_table(runs, teachers=discovery.find_teachers(tmp_path))
     ce = row(table, "ce")
     assert ce["n_runs"] == 2
     assert ce["best_mean"] == pytest.approx(81.0) and ce["best_std"] == pytest.approx(1.0)  # ddof=0
@@ -121,7 +121,7 @@ def test_accuracy_mean_population_std_gain_and_exclusions(tmp_path: Path) -> Non
     teacher = row(table, "teacher")
     assert teacher["best_mean"] == 93.5 and teacher["gain_best"] == pytest.approx(93.5 - 81)
     assert list(table["method"]) == ["teacher", "ce", "ours"]
-    unfinished = report.unfinished_table(runs)
+    unfinished = tables.unfinished_table(runs)
     assert set(zip(unfinished["seed"], unfinished["status"])) == {(2, "interrupted"), (3, "failed")}
 
 
@@ -130,16 +130,16 @@ def test_gain_uses_ce_variant_with_matching_train_section(tmp_path: Path) -> Non
     make_run(tmp_path, "ce", 0, [50, 55], variant="cesub000", train={"train_subset": 1000})
     # ours differs from both in lr (ignored by the rule) and matches the subset variant
     make_run(tmp_path, "ours", 0, [58, 59], variant="ourssub0", train={"train_subset": 1000, "lr": 0.05})
-    table = report.accuracy_table(report.find_runs(tmp_path))
+    table = tables.accuracy_table(discovery.find_runs(tmp_path))
     ours = row(table, "ours")
     assert ours["ce_variant"] == "cesub000" and ours["gain_best"] == pytest.approx(59 - 55)
-    assert "ce-cefull00" in report.accuracy_markdown(table)  # several ce variants: labelled by hash
+    assert "ce-cefull00" in table_format.accuracy_markdown(table)  # several ce variants: labelled by hash
 
 
 def ari_table(root: Path, accs: dict[str, float]) -> pd.DataFrame:
     for method, acc in accs.items():
         make_run(root, method, 0, [acc - 5, acc])
-    return report.accuracy_table(report.find_runs(root))
+    return tables.accuracy_table(discovery.find_runs(root))
 
 
 def test_ari_qualifying_competitors_only(tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_ari_qualifying_competitors_only(tmp_path: Path) -> None:
     assert ours["ari"] == pytest.approx(expected)
     assert ours["ari_text"] == f"{expected * 100:.0f}%"
     assert row(table, "kd")["ari_text"] == ""
-    assert report.ari(3.0, [2.0], cutoff=0.5) == pytest.approx(1.5)
+    assert report_stats.ari(3.0, [2.0], cutoff=0.5) == pytest.approx(1.5)
 
 
 def test_ari_unstable_and_not_available(tmp_path: Path) -> None:
@@ -163,10 +163,10 @@ def test_ari_unstable_and_not_available(tmp_path: Path) -> None:
 def test_drop_outliers_is_opt_in(tmp_path: Path) -> None:
     for seed, acc in enumerate([90.0, 88.9, 89.0]):  # 88.9 is > 1 pt below 90; 89.0 is exactly 1 pt
         make_run(tmp_path, "kd", seed, [acc - 3, acc])
-    runs = report.find_runs(tmp_path)
-    default = row(report.accuracy_table(runs), "kd")
+    runs = discovery.find_runs(tmp_path)
+    default = row(tables.accuracy_table(runs), "kd")
     assert default["n_runs"] == 3 and default["best_mean"] == pytest.approx((90 + 88.9 + 89) / 3)
-    dropped = row(report.accuracy_table(runs, drop_outliers=True), "kd")
+    dropped = row(tables.accuracy_table(runs, drop_outliers=True), "kd")
     assert dropped["n_runs"] == 2 and dropped["n_dropped"] == 1
     assert dropped["best_mean"] == pytest.approx(89.5) and dropped["best_std"] == pytest.approx(0.5)
 
@@ -180,8 +180,8 @@ def test_epochs_to_target_reached_not_reached_and_explicit(tmp_path: Path) -> No
     make_run(tmp_path, "ours", 0, [60, 70, 74, 80], epoch_time=10.0)
     make_run(tmp_path, "ours", 1, [62, 76, 77, 78], epoch_time=20.0)
     make_run(tmp_path, "kd", 0, [50, 60, 70, 74.9])
-    runs = report.find_runs(tmp_path)
-    ett = report.epochs_to_target(runs)
+    runs = discovery.find_runs(tmp_path)
+    ett = tables.epochs_to_target(runs)
     ours = row(ett, "ours")
     # curve = max over runs per epoch = [62, 76, 77, 80]; target = max ce curve = 75
     assert ours["target"] == 75.0 and ours["epoch"] == 2
@@ -190,10 +190,10 @@ def test_epochs_to_target_reached_not_reached_and_explicit(tmp_path: Path) -> No
     assert row(ett, "ce")["epoch"] == 4
     kd = row(ett, "kd")
     assert not kd["reached"] and pd.isna(kd["epoch"]) and math.isnan(kd["epochs_saved_pct"])
-    md = report.epochs_markdown(ett)
+    md = table_format.epochs_markdown(ett)
     kd_line = next(line for line in md.splitlines() if "| kd " in line)
     assert "not reached" in kd_line
-    explicit = report.epochs_to_target(runs, target=70.0)
+    explicit = tables.epochs_to_target(runs, target=70.0)
     assert row(explicit, "kd")["epoch"] == 3 and row(explicit, "ours")["epoch"] == 2
     assert set(explicit["target_source"]) == {"explicit"}
 
@@ -206,9 +206,9 @@ def test_write_tables_markdown_and_latex(tmp_path: Path) -> None:
     make_run(arts, "ce", 0, [80, 81])
     make_run(arts, "kd_std", 0, [70, 72])  # never reaches the target; '_' must be escaped in LaTeX
     make_run(arts, "ours", 0, [85, 86])
-    runs = report.find_runs(arts)
-    acc = report.accuracy_table(runs)
-    files = report.write_tables(acc, report.epochs_to_target(runs), report.unfinished_table(runs), tmp_path / "out")
+    runs = discovery.find_runs(arts)
+    acc = tables.accuracy_table(runs)
+    files = table_format.write_tables(acc, tables.epochs_to_target(runs), tables.unfinished_table(runs), tmp_path / "out")
     assert set(files) == {"accuracy.csv", "accuracy.md", "accuracy.tex", "epochs_to_target.csv",
                           "epochs_to_target.md", "unfinished.csv", "unfinished.md"}
     assert all(p.is_file() for p in files.values())
@@ -221,7 +221,7 @@ def test_write_tables_markdown_and_latex(tmp_path: Path) -> None:
     assert ari_cell not in tex and "n/a" in tex
     body = tex.split("\\midrule", 1)[1]
     assert "_" not in body.replace("\\_", "") and "%" not in body.replace("\\%", "")
-    assert report.latex_escape("a_b & 5% #1 {x}") == "a\\_b \\& 5\\% \\#1 \\{x\\}"
+    assert table_format.latex_escape("a_b & 5% #1 {x}") == "a\\_b \\& 5\\% \\#1 \\{x\\}"
     ett = pd.read_csv(files["epochs_to_target.csv"])
     assert ett.loc[ett["method"] == "kd_std", "epoch"].isna().all()
     assert "not reached" in files["epochs_to_target.md"].read_text()
@@ -247,10 +247,10 @@ def test_plots_are_written(tmp_path: Path) -> None:
     make_run(arts, "ours", 0, [65, 74, 76])
     make_teacher(arts, [80, 85, 86])
     profile = write_profile(arts)
-    paths = report.plot_accuracy_curves(report.find_runs(arts), tmp_path / "plots",
-                                        teachers=report.find_teachers(arts))
-    paths += report.plot_all_profiles(arts, tmp_path / "plots")
-    paths.append(report.plot_quality(pd.read_csv(profile / "quality.csv"), [2, 3], tmp_path / "q.png", title="t"))
+    paths = plots.plot_accuracy_curves(discovery.find_runs(arts), tmp_path / "plots",
+                                        teachers=discovery.find_teachers(arts))
+    paths += plots.plot_all_profiles(arts, tmp_path / "plots")
+    paths.append(plots.plot_quality(pd.read_csv(profile / "quality.csv"), [2, 3], tmp_path / "q.png", title="t"))
     assert len(paths) == 3
     for path in paths:
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
@@ -283,3 +283,81 @@ def test_run_end_to_end_and_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="run stage 2 first"):
         (tmp_path / "empty").mkdir()
         report.run(tmp_path / "empty", tmp_path / "x")
+
+
+# ----------------------------------------------------------------------------- the user's pair, library model names
+
+LIB_PAIR = "tv:resnet18__timm:convnext_atto"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("resnet34:resnet9", "resnet34__resnet9"),
+    ("resnet34__resnet9", "resnet34__resnet9"),
+    ("resnet34->resnet9", "resnet34__resnet9"),
+    (" resnet34:resnet9 ", "resnet34__resnet9"),
+    ("tv:resnet18:timm:convnext_atto", LIB_PAIR),
+    ("tv:resnet18__timm:convnext_atto", LIB_PAIR),
+    ("tv:resnet18->timm:convnext_atto", LIB_PAIR),
+    ("tv:resnet18:resnet9", "tv:resnet18__resnet9"),
+    ("resnet34:timm:convnext_atto", "resnet34__timm:convnext_atto"),
+    ("timm:vit_tiny_patch16_224.augreg_in21k:tv:mobilenet_v3_small", "timm:vit_tiny_patch16_224.augreg_in21k__tv:mobilenet_v3_small"),
+])
+def test_pair_dir_name_reads_every_spelling(text: str, expected: str) -> None:
+    assert discovery.pair_dir_name(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "resnet34", "tv:resnet18", "a:b:c", "tv::resnet9", "resnet34:", ":resnet9", "timm:tv:resnet18", "tv:timm:x:y",
+    "a__b__c", "a__", "__b", "a->b->c", "a__b->c",
+])
+def test_pair_dir_name_refuses_what_does_not_read_one_way(text: str) -> None:
+    with pytest.raises(ConfigError, match="teacher__student|teacher->student"):
+        discovery.pair_dir_name(text)
+
+
+def test_model_prefixes_are_the_registry_libraries() -> None:
+    from common.models.external import LIBRARIES  # needs torch; discovery keeps its own copy
+
+    assert set(discovery.MODEL_PREFIXES) == set(LIBRARIES)
+
+
+def test_library_model_names_through_discovery_tables_and_plots(tmp_path: Path) -> None:
+    arts = tmp_path / "artifacts"
+    make_run(arts, "ce", 0, [60, 70], pair=LIB_PAIR)
+    make_run(arts, "ours", 0, [65, 75], pair=LIB_PAIR)
+    make_run(arts, "ce", 0, [50, 55])  # the resnet34__resnet9 pair, filtered out below
+    runs = discovery.find_runs(arts, pairs=["tv:resnet18:timm:convnext_atto"])
+    assert set(runs["pair"]) == {LIB_PAIR} and len(runs) == 2
+    assert (runs["teacher"].iloc[0], runs["student"].iloc[0]) == ("tv:resnet18", "timm:convnext_atto")
+    with pytest.raises(ConfigError, match="teacher__student"):
+        discovery.find_runs(arts, pairs=["a:b:c"])
+    acc = tables.accuracy_table(runs)
+    assert "tv:resnet18 → timm:convnext_atto" in table_format.accuracy_markdown(acc)
+    assert "tv:resnet18 $\\to$ timm:convnext\\_atto" in table_format.accuracy_latex(acc)
+    assert table_format.pair_label(LIB_PAIR, "->") == "tv:resnet18->timm:convnext_atto"
+    assert table_format.pair_label("resnet34-t0000000") == "resnet34-t0000000"  # a teacher id, not a pair
+    [curve] = plots.plot_accuracy_curves(runs, tmp_path / "plots")
+    assert curve.name == "curves_fashion_mnist_tv_resnet18__timm_convnext_atto.png"
+
+
+def test_stage3_refuses_an_unreadable_pair_before_reading(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    import stage3_evaluate
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["stage3_evaluate.py", "--artifacts", str(tmp_path / "none"), "--out", str(out),
+                                      "--pairs", "resnet34:resnet9", "a:b:c"])
+    with pytest.raises(ConfigError, match="'a:b:c'.*teacher__student"):
+        stage3_evaluate.body()
+    assert not out.exists()
+
+
+def test_cells_and_ranks() -> None:
+    assert table_format.number_cell(float("nan")) == "-" and table_format.number_cell(pd.NA) == "-"
+    assert table_format.number_cell(1.234, "{:+.1f}") == "+1.2" and table_format.text_cell(None) == ""
+    assert table_format.pm_cell(81.0, float("nan")) == "81.00" and table_format.pm_cell(81.0, 1.0) == "81.00 ± 1.00"
+    order = sorted(["ours", "kd", "ours_ce", "ce", "teacher"], key=report_stats.method_rank)
+    assert order == ["teacher", "ce", "kd", "ours_ce", "ours"]
+    assert report_stats.headroom_floor(float("nan")) == 1.0 and report_stats.headroom_floor(0.8) == pytest.approx(1.6)
+    assert plots.safe_filename("tv:resnet18__a b") == "tv_resnet18__a_b"

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import matplotlib.image
-import numpy as np
 import pytest
 
 from common import report

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from common import distill, report, study
+from common import discovery, distill, report, report_stats, study, tables
 from common.config import load_config, to_dict
 from common.data import load_data
 from common.errors import ConfigError, DataError
@@ -221,8 +221,8 @@ def headroom_of(root: Path, teacher: list[float], ce: list[float]) -> pd.Series:
         make_run(root, "ce", seed, [acc - 5, acc])
     make_run(root, "ours", 0, [70.0, 75.0])
     make_teacher(root, teacher)
-    accuracy = report.accuracy_table(report.find_runs(root), teachers=report.find_teachers(root))
-    table = report.headroom_table(accuracy)
+    accuracy = tables.accuracy_table(discovery.find_runs(root), teachers=discovery.find_teachers(root))
+    table = tables.headroom_table(accuracy)
     assert len(table) == 1
     return table.iloc[0]
 
@@ -235,7 +235,7 @@ def test_headroom_rule_and_sentence(tmp_path: Path) -> None:
     assert noisy["headroom"] == pytest.approx(3.0) and noisy["too_small"] and "below 4.00 points" in noisy["sentence"]
     ample = headroom_of(tmp_path / "c", [95.0], [85.0, 86.0])
     assert ample["headroom"] == pytest.approx(9.5) and not ample["too_small"] and "too small" not in ample["sentence"]
-    assert not report.headroom_too_small(1.0, 0.1) and report.headroom_too_small(0.99, NAN)
+    assert not report_stats.headroom_too_small(1.0, 0.1) and report_stats.headroom_too_small(0.99, NAN)
     one_seed = headroom_of(tmp_path / "d", [95.0], [85.0])
     assert "one CE seed" in one_seed["sentence"] and not one_seed["too_small"]
 
