@@ -292,6 +292,9 @@ def _type_name(tp: Any) -> str:
 
 CACHE_DTYPES = ("float16", "float32")
 TEACHER_SOURCES = ("auto", "cache", "live")
+# The layer-ranking criteria of METHOD 6.5 (profile.criterion, the layer words of a method), one
+# home for torch-free readers too (stage 3, the study).
+CRITERIA = ("Q", "S", "I", "E", "sqrtIE")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "multistep")
 

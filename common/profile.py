@@ -39,13 +39,13 @@ import yaml
 
 from common import artifacts, tracking
 from common.cache import POSITIONS, FeatureCache, storage_order, write_h5
-from common.config import Config, to_dict, validate_config
+from common.config import CRITERIA, Config, to_dict, validate_config
 from common.data import Data, load_data
 from common.errors import CacheError, ConfigError, DataError
 from common.io import atomic_write, atomic_write_text, atomic_write_yaml, code_version, file_lock, io_written_mb, peak_rss_mb, versions
 from common.layers import LayerInfo, extract, forward_with_features, layer_table, resolve_layers
 from common.models import MODELS, create_model
-from common.quality import CRITERIA, draw_subsets, select_layers
+from common.quality import draw_subsets, select_layers
 from common.quality_stream import stream_layer_stats
 from common.plots import plot_quality
 from common.teacher import checkpoint_sha, ensure_teacher, layer_name, load_teacher

@@ -40,9 +40,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from common.config import CRITERIA
 from common.errors import ConfigError, DataError
-
-CRITERIA = ("Q", "S", "I", "E", "sqrtIE")
 
 MAX_DIMENSION = 262_144  # `iMaxDimension` of the reference (METHOD 6.3)
 VARIANCE_THRESHOLD = 0.95  # per-class 95 % dimension (METHOD 6.5)

@@ -28,7 +28,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from common.artifacts import pair_name, teacher_dir
-from common.config import Config
+from common.config import CRITERIA, Config
 from common.discovery import find_runs, read_metrics, run_summary
 from common.io import atomic_write, atomic_write_text
 from common.plots import QUALITY_STYLE, safe_filename, save_png
@@ -39,7 +39,6 @@ from common.study_plan import (
 from common.study_stats import LEVEL, N_BOOTSTRAP, Interval, bootstrap_spearman, difference_sentence, paired_difference
 from common.table_format import headroom_sentence, markdown_table
 
-CRITERIA = ("Q", "S", "I", "E", "sqrtIE")
 OURS_WORDS = "Q's layers (ours)"
 
 

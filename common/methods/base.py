@@ -18,7 +18,7 @@ from torch import nn
 from common.errors import ConfigError
 from common.layers import forward_with_features
 from common.losses import kd_loss
-from common.quality import CRITERIA
+from common.config import CRITERIA
 from common.methods.projectors import PROJECTORS
 from common.registry import Registry
 
