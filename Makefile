@@ -21,10 +21,10 @@ COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
-.PHONY: setup test demo teacher profile layers distill study report export bench bench-export bench-profile bench-quality clean-demo help
+.PHONY: setup test demo teacher profile layers distill study report export bench bench-speed bench-export bench-profile bench-quality clean-demo help
 
 help:
-	@sed -n '1,5p' Makefile; echo; echo "targets: setup test demo teacher profile layers distill study report export bench bench-export bench-profile bench-quality"
+	@sed -n '1,5p' Makefile; echo; echo "targets: setup test demo teacher profile layers distill study report export bench bench-speed bench-export bench-profile bench-quality"
 
 setup:
 	@bash .ci/setup.sh
@@ -79,6 +79,13 @@ export: setup
 
 bench: setup
 	$(PY) bench/bench_epoch.py
+
+# Issue 9's ratios (run on a quiet machine): extraction with HDF5 writes vs pure inference; an
+# `ours` epoch from the cache vs `ce` at CIFAR size; the training loop vs a plain torchvision-style loop.
+bench-speed: setup
+	$(PY) bench/bench_extract.py
+	$(PY) bench/bench_epoch.py --size cifar
+	$(PY) bench/bench_train_loop.py
 
 # Stage 1 at CIFAR-100 scale (generated pickles): peak RSS and bytes written per step. The
 # full-width teacher takes about an hour on 2 CPU cores; BENCH_WIDTHS="0.25" is minutes.

@@ -161,6 +161,9 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
             distributed.barrier(ranks)  # no rank reads a checkpoint that --restart is removing
             result = _train_one(cfg, data, spec, seed, rdir, teacher_layers, student_layers, teacher_shapes, source, teacher_model, ranks)
             results.append(result)
+            # Rank 0 writes the run's last files while the others are done with it: everyone
+            # waits here, so no rank leaves the process group while another still uses it.
+            distributed.barrier(ranks)
     return sorted(results, key=lambda r: r.seed)
 
 
