@@ -40,7 +40,6 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from common.config import CRITERIA
 from common.errors import ConfigError, DataError
 
 MAX_DIMENSION = 262_144  # `iMaxDimension` of the reference (METHOD 6.3)
