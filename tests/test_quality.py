@@ -13,8 +13,8 @@ from torch.nn import functional as F
 
 from common import quality
 from common.errors import ConfigError, DataError
+from common.config import CRITERIA
 from common.quality import (
-    CRITERIA,
     MAX_DIMENSION,
     class_entropies,
     draw_subsets,
