@@ -4,8 +4,11 @@
 Goal (issue 9): images/s of the real extraction path (common/profile.py `_ensure_features`:
 forward, copy to the CPU, cast to the cache dtype, CRC-32, HDF5 write, fsync, rename) >= 0.85 x
 images/s of the same forward with the same layers hooked and nothing written: same teacher,
-same batches (profile.batch_size, the cache's row order), same device, same process, the two
-interleaved over repeats (order alternating) so that a busy shared machine slows both alike.
+same batches (profile.batch_size, the cache's row order), same device, same process. The
+extraction runs twice, with the writer thread (common.cache.WRITE_QUEUE_DEPTH) and with each
+batch written before the next is computed (depth 0); the three variants are interleaved over
+repeats (order alternating) so that a busy shared machine slows all alike, and each one's CPU
+seconds are shown beside its wall time.
 
 The data are CIFAR-100-shaped pickles written to a temporary directory by the generator of
 bench/bench_profile_scale.py (the real on-disk format and loader). The teacher is the registry's
