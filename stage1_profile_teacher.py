@@ -22,7 +22,8 @@ def body() -> int:
 
     from common.checks import load_checked
     from common.data import load_data
-    from common.profile import list_layers, run
+    from common.layer_tables import list_layers
+    from common.profile import run
     from common.teacher import ensure_teacher
 
     if args.list_layers:  # writes nothing; the profile settings may be what the listing is for

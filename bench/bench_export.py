@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import discovery, export  # noqa: E402
+from common import discovery, export, export_tables  # noqa: E402
 from tests.fakedata import make_cifar10, make_cifar100  # noqa: E402
 from tests.test_export import write_run  # noqa: E402
 
@@ -50,9 +50,9 @@ def main() -> None:
         tic = time.perf_counter()
         results = export.export_all(artifacts, settings=settings)
         elapsed = time.perf_counter() - tic
-        table = export.export_table(discovery.find_runs(artifacts))
+        table = export_tables.export_table(discovery.find_runs(artifacts))
         print(f"\n## {dataset} shapes, width {args.width}, {args.check_images} test images checked\n")
-        print(export.export_markdown(export.export_summary(table)))
+        print(export_tables.export_markdown(export_tables.export_summary(table)))
         print("| student | ONNX (bytes) | TorchScript (bytes) | student.pt (bytes) | ORT b1 q1-q3 | PyTorch b1 q1-q3 | ORT b64 q1-q3 | PyTorch b64 q1-q3 |")
         print("|---|---|---|---|---|---|---|---|")
         for r in results:

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Stage 1's feature extraction with HDF5 writes on, against the teacher's pure inference.
 
-Goal (issue 9): images/s of the real extraction path (common/profile.py `_ensure_features`:
-forward, copy to the CPU, cast to the cache dtype, CRC-32, HDF5 write, fsync, rename) >= 0.85 x
-images/s of the same forward with the same layers hooked and nothing written: same teacher,
-same batches (profile.batch_size, the cache's row order), same device, same process. The
-extraction runs twice, with the writer thread (common.cache.WRITE_QUEUE_DEPTH) and with each
-batch written before the next is computed (depth 0); the three variants are interleaved over
-repeats (order alternating) so that a busy shared machine slows all alike, and each one's CPU
-seconds are shown beside its wall time.
+Goal (issue 9): images/s of the real extraction path (common/profile_features.py
+`ensure_features_with`: forward, copy to the CPU, cast to the cache dtype, CRC-32, HDF5 write,
+fsync, rename) >= 0.85 x images/s of the same forward with the same layers hooked and nothing
+written: same teacher, same batches (profile.batch_size, the cache's row order), same device,
+same process. The extraction runs twice, with the writer thread
+(common.cache_write.WRITE_QUEUE_DEPTH) and with each batch written before the next is computed
+(depth 0); the three variants are interleaved over repeats (order alternating) so that a busy
+shared machine slows all alike, and each one's CPU seconds are shown beside its wall time.
 
 The data are CIFAR-100-shaped pickles written to a temporary directory by the generator of
 bench/bench_profile_scale.py (the real on-disk format and loader). The teacher is the registry's
@@ -44,13 +44,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_profile_scale import write_cifar100  # noqa: E402
-from common import cache, profile  # noqa: E402
-from common.cache import storage_order  # noqa: E402
+from common import cache_write  # noqa: E402
+from common.cache import layer_name, storage_order  # noqa: E402
 from common.config import Config, load_config  # noqa: E402
 from common.data import Data, load_data  # noqa: E402
+from common.layer_tables import layer_shapes  # noqa: E402
 from common.layers import forward_with_features  # noqa: E402
 from common.models import MODELS  # noqa: E402
-from common.teacher import build_teacher, layer_name  # noqa: E402
+from common.profile_features import ensure_features_with, features_path  # noqa: E402
+from common.teacher import build_teacher  # noqa: E402
 from common.train import resolve_device  # noqa: E402
 
 GOAL = 0.85
@@ -109,13 +111,13 @@ def inference(teacher: torch.nn.Module, data: Data, positions: torch.Tensor, lay
 def extraction(cfg: Config, data: Data, teacher: torch.nn.Module, layers: list[int], device: torch.device, queue_depth: int) -> Path:
     """Stage 1's own extraction path, from no cache to a finished features-<dtype>.h5, with
     `queue_depth` batches in the writer thread's hands (0: each written before the next is computed)."""
-    path = profile.features_path(cfg, data)
+    path = features_path(cfg, data)
     path.unlink(missing_ok=True)
-    default, cache.WRITE_QUEUE_DEPTH = cache.WRITE_QUEUE_DEPTH, queue_depth
+    default, cache_write.WRITE_QUEUE_DEPTH = cache_write.WRITE_QUEUE_DEPTH, queue_depth
     try:
-        return profile._ensure_features(cfg, data, teacher, "bench", layers, data.train_indices, device)
+        return ensure_features_with(cfg, data, teacher, "bench", layers, data.train_indices, device)
     finally:
-        cache.WRITE_QUEUE_DEPTH = default
+        cache_write.WRITE_QUEUE_DEPTH = default
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -220,16 +222,16 @@ def main() -> None:
         teacher = seeded_teacher(cfg, data, device)
         layers = list(args.layers or MODELS.get(cfg.teacher.name).baseline_layers)
         batch = cfg.profile.batch_size
-        positions = storage_order(torch.unique(data.train_indices))  # the batches _ensure_features writes
-        profile.layer_shapes(cfg, data)  # its one-off model build is cached, not timed
+        positions = storage_order(torch.unique(data.train_indices))  # the batches ensure_features_with writes
+        layer_shapes(cfg, data)  # its one-off model build is cached, not timed
         inference(teacher, data, positions[:batch], layers, batch, device)  # warm-up
-        depth = cache.WRITE_QUEUE_DEPTH
+        depth = cache_write.WRITE_QUEUE_DEPTH
         times, cpu = interleaved({
             INFERENCE: lambda: inference(teacher, data, positions, layers, batch, device),
             f"extraction, writer thread (queue {depth})": lambda: extraction(cfg, data, teacher, layers, device, depth),
             "extraction, inline writes (queue 0)": lambda: extraction(cfg, data, teacher, layers, device, 0),
         }, args.repeats)
-        size = profile.features_path(cfg, data).stat().st_size  # every pass writes the same file
+        size = features_path(cfg, data).stat().st_size  # every pass writes the same file
         report(args, cfg, data, device, layers, times, cpu, size)
         if args.layout_images:
             arrays = float16_rows(teacher, data, layers, args.layout_images, batch, device)
@@ -245,7 +247,7 @@ def report(
     """Per variant: median seconds, images/s, and its ratio to inference (of the medians, and the
     median of the per-repeat ratios, which a slow drift of the machine's load cancels out of)."""
     n = len(data.train_indices)
-    shapes = profile.layer_shapes(cfg, data)
+    shapes = layer_shapes(cfg, data)
     row_kib = sum(int(np.prod(shapes[i])) for i in layers) * np.dtype(cfg.profile.cache_dtype).itemsize / 1024
     print(f"\n{cfg.teacher.name} width {args.width}, layers {layers} ({row_kib:.0f} KiB/row as {cfg.profile.cache_dtype}), "
           f"{n} images, batch {cfg.profile.batch_size}, {device}, {torch.get_num_threads()} threads, median of {args.repeats}, "

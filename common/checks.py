@@ -12,13 +12,14 @@ pairing is checked by `common.distill.check_layer_lists`, before the profile is 
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from common import artifacts, profile, tracking
 from common.config import Config, validate_config
 from common.data import DATASETS, Data, load_data
 from common.errors import ConfigError
+from common.layer_tables import layer_table_for
+from common.profile_quality import q_subsets
 from common.teacher import build_teacher, check_names
 from common.train import resolve_device
 
@@ -52,11 +53,11 @@ def check_config(cfg: Config) -> None:
 def check_with_data(cfg: Config, data: Data) -> None:
     """What needs the data: both models build for its image size and channels, the profile
     settings fit the teacher's layer count, the subsets fit the classes."""
-    n_teacher = len(profile.layer_shapes(cfg, data))  # an untrained copy: cheap, and model errors show here
-    profile.layer_shapes(dataclasses.replace(cfg, teacher=cfg.student), data)
+    n_teacher = len(layer_table_for(cfg.teacher, data))  # an untrained copy: cheap, and model errors show here
+    layer_table_for(cfg.student, data)
     profile.validate(cfg, n_teacher)
     data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed)
     data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
-    profile.q_subsets(cfg, data)
+    q_subsets(cfg, data)
     if cfg.teacher.pretrained is not None and not (artifacts.teacher_dir(cfg, data) / "done").exists():
         build_teacher(cfg, data, pretrained=True)  # reads the checkpoint now, not after the teacher directory exists

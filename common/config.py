@@ -2,7 +2,11 @@
 
 A config file is a short diff from the defaults below; unknown keys are errors (with a
 suggestion), so a typo never silently falls back to a default. The resolved config of every
-run is written next to its artifacts.
+run is written next to its artifacts. The `method:` section is derived from MethodSpec
+(common/method_spec.py), the one declaration of a method's hyperparameters.
+
+One module, although a little over 400 lines: a new config key is a field and its range check,
+both beside the loader that applies them; split, adding one key would touch three files.
 """
 from __future__ import annotations
 
@@ -21,8 +25,7 @@ from typing import Any, Union
 import yaml
 
 from common.errors import ConfigError
-
-LayerSpec = Union[str, list[int], None]  # a word ("selected", "baseline", a criterion) | explicit indices
+from common.method_spec import MethodSpec, override_fields
 
 
 @dataclass
@@ -66,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bfloat16 autocast, used only on CUDA
+    channels_last: bool = True  # NHWC weights and activations (CNNs; cuDNN and oneDNN convolutions skip a layout change)
     teacher_source: str = "auto"  # auto | cache | live; auto = cache unless augment is on
     progress: bool = True
     tracker: str = "tensorboard"  # tensorboard (event files in the run's tb/) | wandb | trackio | none
@@ -90,24 +94,28 @@ class ProfileConfig:
     progress: bool = True
 
 
-@dataclass
-class MethodConfig:
-    """A distillation method: a registered preset (common/methods) plus optional overrides.
+def _override_type(spec_type: Any) -> Any:
+    """The config type of a MethodSpec field: optional (None keeps the preset's value), with a
+    list where the spec holds a tuple, since YAML and the command line give lists."""
+    options = typing.get_args(spec_type) if typing.get_origin(spec_type) in (Union, types.UnionType) else (spec_type,)
+    as_config = tuple(list[typing.get_args(o)[0]] if typing.get_origin(o) is tuple else o for o in options)
+    return Union[(*as_config, None)]
 
-    Fields left at None take the preset's value.
+
+# Derived from MethodSpec's fields rather than declared here, so that a new method hyperparameter
+# is one field in common/method_spec.py, not that field plus a mirrored one here.
+_METHOD_CONFIG_DOC = """A distillation method: a registered preset (common/methods) plus optional overrides.
+
+    One field per MethodSpec field (common/method_spec.py documents each) except those a preset
+    fixes (PRESET_ONLY); fields left at None take the preset's value.
     """
-
-    name: str = "ours"
-    ce_weight: float | None = None
-    kd_weight: float | None = None
-    kd_temperature: float | None = None
-    kd_standardize: bool | None = None
-    feature_weight: float | None = None
-    teacher_layers: LayerSpec = None  # "selected" | "baseline" | Q | S | I | E | sqrtIE (top-k by it) | [indices]
-    student_layers: LayerSpec = None  # "baseline" | [indices]
-    mapping: str | None = None  # one2one | full
-    projector: str | None = None  # conv1x1 | three_layer | none
-    detach_head: bool | None = None
+_SPEC_TYPES = typing.get_type_hints(MethodSpec)
+MethodConfig = dataclasses.make_dataclass(
+    "MethodConfig",
+    [("name", str, field(default="ours"))]
+    + [(f.name, _override_type(_SPEC_TYPES[f.name]), field(default=None)) for f in override_fields()],
+    namespace={"__doc__": _METHOD_CONFIG_DOC, "__module__": __name__},  # pickles as common.config.MethodConfig
+)
 
 
 @dataclass

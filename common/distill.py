@@ -24,10 +24,13 @@ from common.distributed import SINGLE, Ranks
 from common.errors import ConfigError
 from common.io import atomic_write_yaml, file_lock, mark_failed, ram_budget, versions
 from common.layers import resolve_layers
-from common.methods import MethodSpec, build_distiller, resolve_method
+from common.method_spec import MethodSpec
+from common.methods import build_distiller, resolve_method
 from common.models import MODELS, create_model
 from common import profile
-from common.profile import layer_shapes, list_layers
+from common.layer_tables import layer_shapes, layer_table_for
+from common.profile_features import ensure_features, rebuild_hint
+from common.profile_manifest import Manifest
 from common.teacher import ensure_teacher, load_teacher
 from common.teacher_source import CachedTeacher, LiveTeacher
 from common.train import CHECKPOINT, TeacherSource, finish, fit, resolve_device, seed_everything
@@ -43,7 +46,7 @@ class RunResult:
     best_test_acc: float | None = None
 
 
-def resolve_layer_lists(cfg: Config, spec: MethodSpec, data: Data, manifest: profile.Manifest | None = None) -> tuple[list[int], list[int]]:
+def resolve_layer_lists(cfg: Config, spec: MethodSpec, data: Data, manifest: Manifest | None = None) -> tuple[list[int], list[int]]:
     """Teacher and student layer lists of a feature method (METHOD 7; section 0 item 4).
 
     Explicit lists and the pairing are checked before anything is trained (`check_layer_lists`). A
@@ -75,8 +78,8 @@ def check_layer_lists(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[i
     """
     if not (spec.needs_teacher_features or spec.needs_teacher_model):
         return [], []
-    n_teacher = len(list_layers(cfg, data))
-    n_student = len(list_layers(dataclasses.replace(cfg, teacher=cfg.student), data))
+    n_teacher = len(layer_table_for(cfg.teacher, data))
+    n_student = len(layer_table_for(cfg.student, data))
     if spec.student_layers == "baseline":
         student_layers = list(MODELS.get(cfg.student.name).baseline_layers)
     else:
@@ -192,7 +195,7 @@ def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int]
         raise ConfigError("train.augment=true needs the live teacher (cached features would be stale); set train.teacher_source=live or auto")
     # ensure_features refuses a cache of another checkpoint or other data (stage 1 rebuilds it).
     rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
-    cache = FeatureCache(profile.ensure_features(cfg, data, layers, rows), rebuild_hint=profile.rebuild_hint(cfg))
+    cache = FeatureCache(ensure_features(cfg, data, layers, rows), rebuild_hint=rebuild_hint(cfg))
     # Under torchrun a rank holds only its shard's rows, and shares the memory with the others on its node.
     return CachedTeacher(cache, layers, logits, device, ram_budget() // ranks.local_world, rows=distributed.shard(rows, ranks))
 

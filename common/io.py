@@ -126,6 +126,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if full:
             raise disk_full_error(path) from exc
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

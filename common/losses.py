@@ -157,8 +157,12 @@ def _no_autocast(x: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def gram_matrix(features: torch.Tensor) -> torch.Tensor:
-    """Raw batch Gram matrix G = F F^T of the flattened features, (B, B) (METHOD 8.6, SemCKD)."""
+def batch_gram(features: torch.Tensor) -> torch.Tensor:
+    """Raw batch Gram matrix G = F F^T of the flattened features, (B, B) (METHOD 8.6, SemCKD).
+
+    Inner products between the samples of one batch, the input of SemCKD's attention MLPs; not
+    `common.quality.gram_matrix`, which is X X^T over a whole subset in float64 for S, I, E.
+    """
     flat = _flat(features)
     with _no_autocast(flat):
         return flat @ flat.T

@@ -29,6 +29,11 @@ while loop stops at the first NaN comparison) and its entropy is set to 0. A con
 layer is well defined: every |cos| is 1 and every spectrum zero, so S = I = Q = 0 (E = 0 when
 all rows are equal). Non-finite features (an overflowing layer) give NaN spectra rather than a
 failed eigensolver, so the layer is undefined, not fatal.
+
+One module, although over 400 lines: it is METHOD 6 end to end (subsets, Gram geometry, class
+spectra, the S/I/E/Q formulas, selection), each step a small function named after its symbol, and
+the steps share the quirks listed above and the float64 Gram numerics; split, one formula would
+be read across several files. What is held in memory lives apart, in common/quality_stream.py.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ This module only orchestrates; each concept has its own home:
     common/tables.py        accuracy, headroom, epochs-to-target and unfinished tables (DataFrames)
     common/table_format.py  their Markdown and LaTeX, and the writer of the table files
     common/plots.py         accuracy curves and the S/I/E/Q profile figure
-    common/export.py        the table of exported students (once `make export` has run)
+    common/export_tables.py the table of exported students (once `make export` has run)
 
 Only finished runs (a `done` file) are averaged; the others are listed in a table of their own
 with their status (see `common.discovery.run_status`). Directory layout: common/artifacts.py.
@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 from common.discovery import find_runs, find_teachers
 from common.errors import DataError
-from common.export import write_export_tables
+from common.export_tables import write_export_tables
 from common.plots import plot_accuracy_curves, plot_all_profiles
 from common.report_stats import BASELINE
 from common.table_format import accuracy_markdown, epochs_markdown, headroom_markdown, unfinished_markdown, write_tables

@@ -106,7 +106,7 @@ def study_plan(
     random_draws: int = RANDOM_DRAWS,
     random_seed: int = RANDOM_SEED,
 ) -> StudyPlan:
-    """The study's arms from stage 1's manifest (a `common.profile.Manifest` or its `.data`).
+    """The study's arms from stage 1's manifest (a `common.profile_manifest.Manifest` or its `.data`).
 
     n_student: the student's generalized-layer count; student_baseline: its baseline list (the
     student layers of every multi-layer arm). layers: only these teacher layers in the single-
@@ -241,15 +241,17 @@ def plan_for(cfg: Config, data: Any, *, build_profile: bool = False, **options: 
     """(plan, manifest) for a resolved config: the manifest stage 1 wrote (`build_profile`: run
     stage 1 first when it is missing, as stage 2 does), the student's layer count and baseline
     list. `options` go to `study_plan`."""
-    from common import profile
+    from common.layer_tables import layer_table_for
     from common.models import MODELS
+    from common.profile import manifest_for
+    from common.profile_manifest import load_manifest
 
     check_base_config(cfg)
-    manifest = profile.manifest_for(cfg, data) if build_profile else profile.load_manifest(cfg, data)
+    manifest = manifest_for(cfg, data) if build_profile else load_manifest(cfg, data)
     if manifest is None:
         raise DataError(f"no finished profile for this config under {cfg.artifacts}; run the study first (make study) "
                         "or stage 1 with the same settings")
-    n_student = len(profile.list_layers(dataclasses.replace(cfg, teacher=cfg.student), data))
+    n_student = len(layer_table_for(cfg.student, data))
     plan = study_plan(manifest, n_student, MODELS.get(cfg.student.name).baseline_layers, **options)
     return plan, manifest
 

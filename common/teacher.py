@@ -145,8 +145,3 @@ def _damaged(cfg: Config, path: Path, exc: Exception) -> CacheError:
         f"teacher checkpoint {path} is damaged ({type(exc).__name__}: {reason}); delete it and retrain "
         f"the teacher with: {_teacher_command(cfg)}"
     )
-
-
-def layer_name(index: int) -> str:
-    """Dataset name of teacher layer `index` in features.h5 / activations.h5."""
-    return f"layer_{index}"

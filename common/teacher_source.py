@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.cache import FeatureCache, epoch_batches
+from common.cache import FeatureCache, epoch_batches, layer_name
 from common.layers import extract, forward_with_features
-from common.teacher import layer_name
 
 
 class LiveTeacher:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.cache import FeatureCache, epoch_batches, storage_order, write_h5
+from common.cache import FeatureCache, epoch_batches, storage_order
+from common.cache_write import write_h5
 from common.errors import CacheError, ConfigError
 
 N = 50

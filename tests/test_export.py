@@ -13,17 +13,17 @@ import torch
 import yaml
 from torch import nn
 
-from common import cli, discovery, distill, export, latency, tables
+from common import cli, discovery, distill, export, export_files, export_record, export_tables, latency, tables
 from common.config import load_config, to_dict
 from common.data import load_data
-from common.errors import DataError
+from common.errors import DataError, ExportError
 from common.io import sha256_file
 from common.models import create_model
 from tests.fakedata import make_cifar10
 from tests.test_pipeline import tiny_config
 
 FAST = export.ExportSettings(threads=1, warmup=1, repeats=2, check_images=64)
-OUTPUT_FILES = (export.ONNX_FILE, export.TORCHSCRIPT_FILE, export.RECORD_FILE)
+OUTPUT_FILES = (export_record.ONNX_FILE, export_record.TORCHSCRIPT_FILE, export_record.RECORD_FILE)
 
 
 def hook_macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -154,7 +154,7 @@ def test_exported_files_match_pytorch(real_run):
         torch.testing.assert_close(scripted(images), want, atol=1e-4, rtol=0)
         torch.testing.assert_close(scripted(images[:1]), want[:1], atol=1e-4, rtol=0)
     proto = onnx.load(str(run_dir / "student.onnx"))
-    assert {o.domain: o.version for o in proto.opset_import}[""] == export.OPSET
+    assert {o.domain: o.version for o in proto.opset_import}[""] == export_files.OPSET
     props = {p.key: p.value for p in proto.metadata_props}
     assert yaml.safe_load(props["input_mean"]) == pytest.approx(data.mean.tolist())
 
@@ -163,7 +163,7 @@ def test_record_has_every_field(real_run):
     cfg, run_dir = real_run
     record = yaml.safe_load((run_dir / "export.yaml").read_text())
     model = create_model("resnet9", num_classes=10, in_channels=1, image_size=28, width=0.125)
-    assert record["format"] == export.FORMAT
+    assert record["format"] == export_record.FORMAT
     assert record["source"] == {"file": "student.pt", "sha256": sha256_file(run_dir / "student.pt"),
                                 "bytes": (run_dir / "student.pt").stat().st_size, "weights": "best", "best_epoch": 1}
     assert record["student"] == {"name": "resnet9", "width": 0.125, "num_classes": 10, "in_channels": 1, "image_size": 28}
@@ -174,7 +174,7 @@ def test_record_has_every_field(real_run):
         entry = record[section]
         assert entry["file"] == name and entry["bytes"] == (run_dir / name).stat().st_size > 0
         assert 0 <= entry["max_abs_diff"] <= 1e-4 and entry["top1_agreement"] == 1.0 and entry["images"] == 60
-    assert record["onnx"]["opset"] == export.OPSET
+    assert record["onnx"]["opset"] == export_files.OPSET
     lat = record["latency"]
     assert lat["threads"] == 1 and lat["cpu"] and lat["repeats"] == 2 and lat["warmup"] == 1
     for batch in ("batch1", "batch64"):
@@ -196,16 +196,16 @@ def test_rerun_skips_and_new_weights_export_again(real_run):
     saved = torch.load(run_dir / "student.pt", weights_only=True)
     saved["best"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in saved["best"].items()}
     torch.save(saved, run_dir / "student.pt")  # the run was redone
-    assert not export.is_up_to_date(run_dir)
+    assert not export_record.is_up_to_date(run_dir)
     results = export.export_all(Path(cfg.artifacts), settings=FAST)
     assert [r.skipped for r in results] == [False]
     after = _mtimes(run_dir)
     assert all(after[name] != before[name] for name in OUTPUT_FILES)
-    assert export.read_record(run_dir)["source"]["sha256"] == sha256_file(run_dir / "student.pt")
+    assert export_record.read_record(run_dir)["source"]["sha256"] == sha256_file(run_dir / "student.pt")
     (run_dir / "student.onnx").rename(run_dir / "moved.onnx")  # a lost file is exported again too
-    assert not export.is_up_to_date(run_dir)
+    assert not export_record.is_up_to_date(run_dir)
     (run_dir / "moved.onnx").rename(run_dir / "student.onnx")
-    assert export.is_up_to_date(run_dir)
+    assert export_record.is_up_to_date(run_dir)
 
 
 # ----------------------------------------------------------------------------- registry students
@@ -255,7 +255,7 @@ def test_unexportable_op_names_run_and_part(tmp_path, cifar, monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.ReLU(), Doubled()), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     monkeypatch.setattr("common.models.create_model", lambda *a, **k: model)
     run_dir = write_run(tmp_path / "artifacts", cifar, "resnet9", model=model)
-    with pytest.raises(export.ExportError) as info:
+    with pytest.raises(ExportError) as info:
         export.export_run(run_dir, FAST)
     message = str(info.value)
     assert str(run_dir) in message and "part '1.1' (Doubled)" in message and "kdtest.doubled" in message
@@ -266,12 +266,12 @@ def test_unexportable_op_names_run_and_part(tmp_path, cifar, monkeypatch):
 
 def test_outputs_beyond_tolerance_are_an_error():
     reference = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
-    ok = export._agreement(reference + 1e-5, reference, 1e-3, "x")
+    ok = export_files.agreement(reference + 1e-5, reference, 1e-3, "x")
     assert ok["max_abs_diff"] == pytest.approx(1e-5, rel=0.01) and ok["top1_agreement"] == 1.0
-    with pytest.raises(export.ExportError, match="differ from PyTorch's by 0.5"):
-        export._agreement(reference + torch.tensor([[0.0, 0.0], [0.0, 0.5]]), reference, 1e-3, "x")
-    with pytest.raises(export.ExportError):
-        export._agreement(reference * math.nan, reference, 1e-3, "x")
+    with pytest.raises(ExportError, match="differ from PyTorch's by 0.5"):
+        export_files.agreement(reference + torch.tensor([[0.0, 0.0], [0.0, 0.5]]), reference, 1e-3, "x")
+    with pytest.raises(ExportError):
+        export_files.agreement(reference * math.nan, reference, 1e-3, "x")
 
 
 # ----------------------------------------------------------------------------- table and command line
@@ -281,7 +281,7 @@ def test_unfinished_runs_left_alone_and_the_export_table(tmp_path, cifar):
     artifacts = tmp_path / "artifacts"
     finished = [write_run(artifacts, cifar, "resnet9", seed=s) for s in (0, 1)]
     running = write_run(artifacts, cifar, "resnet9", seed=2, done=False)
-    assert export.write_export_tables(discovery.find_runs(artifacts), tmp_path / "reports") == ("", {})  # no empty table
+    assert export_tables.write_export_tables(discovery.find_runs(artifacts), tmp_path / "reports") == ("", {})  # no empty table
     results = export.export_all(artifacts, settings=FAST)
     assert [r.dir for r in results] == finished
     assert not any((running / name).exists() for name in OUTPUT_FILES)
@@ -290,23 +290,23 @@ def test_unfinished_runs_left_alone_and_the_export_table(tmp_path, cifar):
     (running / "done").write_text("2025-01-01T00:00:00\n")  # finished after the export: not exported yet
     saved = torch.load(finished[1] / "student.pt", weights_only=True)
     torch.save(saved | {"best_epoch": 2}, finished[1] / "student.pt")  # redone since its export
-    table = export.export_table(discovery.find_runs(artifacts))
+    table = export_tables.export_table(discovery.find_runs(artifacts))
     assert dict(zip(table["seed"], table["export"])) == {0: "exported", 1: "stale", 2: "missing"}
     assert math.isnan(table.loc[table["seed"] == 2, "params"].iloc[0]) and str(running) in set(table["path"])
-    summary = export.export_summary(table)
+    summary = export_tables.export_summary(table)
     assert len(summary) == 1
     row = summary.iloc[0]
-    record = export.read_record(finished[0])
+    record = export_record.read_record(finished[0])
     assert (row["n_exported"], row["n_runs"], row["params"]) == (1, 3, record["params"])
     assert row["ort_b1_ms"] == record["latency"]["batch1"]["onnxruntime"]["median"]
     accuracy = tables.accuracy_table(discovery.find_runs(artifacts))
-    text = export.export_markdown(summary, accuracy)
+    text = export_tables.export_markdown(summary, accuracy)
     header = text.splitlines()[0]
     for column in ["best (%)", "params (M)", "MMACs", "ONNX (MB)", "ORT b1 (ms)", "PyTorch b64 (ms)", "max diff ONNX"]:
         assert column in header
     assert "| 1/3 " in text and "40.00" in text and "1 threads" in text
-    assert "best (%)" not in export.export_markdown(summary)
-    written, files = export.write_export_tables(discovery.find_runs(artifacts), tmp_path / "reports", accuracy)
+    assert "best (%)" not in export_tables.export_markdown(summary)
+    written, files = export_tables.write_export_tables(discovery.find_runs(artifacts), tmp_path / "reports", accuracy)
     assert written == text and (tmp_path / "reports" / "export.md").read_text() == text
     assert len(pd.read_csv(files["export.csv"])) == 1 and len(pd.read_csv(files["export_runs.csv"])) == 3
 

@@ -273,6 +273,7 @@ def test_stage1_and_stage2_with_library_models(tmp_path):
     """Stage 1 (teacher, S/I/E/Q, selection, cache) and stage 2 (ours, detached head) with a
     torchvision teacher and a timm student on a tiny Fashion-MNIST stand-in, one epoch each."""
     from common import distill, profile
+    from common.layer_tables import list_layers
     from common.checks import load_checked
     from common.config import load_config
     from tests.fakedata import make_fashion_mnist
@@ -286,7 +287,7 @@ def test_stage1_and_stage2_with_library_models(tmp_path):
         "profile.subset_size=60", "profile.per_class_cap=6", "profile.batch_size=60", "profile.progress=false",
     ])
     data = load_checked(cfg)
-    table = profile.list_layers(cfg, data)
+    table = list_layers(cfg, data)
     assert list(table["module"])[:2] == ["maxpool", "layer1.0"] and list(table["baseline"]).count(True) == 4
     prof = profile.run(cfg, data)
     assert len(prof.selected) == cfg.profile.k

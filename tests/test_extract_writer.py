@@ -1,4 +1,4 @@
-"""The feature cache's writer thread (common/cache.py `_stream_rows`): the same file as writing
+"""The feature cache's writer thread (common/cache_write.py `_stream_rows`): the same file as writing
 inline, bounded memory, and errors in either thread ending the write cleanly.
 
 Expected datasets and CRCs are re-derived here with numpy and zlib (never the code under test).
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import cache
-from common.cache import CHECKSUM, FeatureCache, write_h5
+from common import cache_write
+from common.cache import CHECKSUM, FeatureCache
+from common.cache_write import write_h5
 from common.cli import Terminated
 from common.errors import CacheError, DiskFullError
 
@@ -57,7 +58,7 @@ def read_back(path: Path) -> tuple[dict[str, np.ndarray], dict[str, int]]:
 
 
 def writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(cache.WRITER_THREAD)]
+    return [t for t in threading.enumerate() if t.name.startswith(cache_write.WRITER_THREAD)]
 
 
 def temp_files(directory: Path) -> list[str]:
@@ -100,12 +101,12 @@ def in_thread(fn: Callable[[], None]) -> BaseException | None:
 def test_writer_thread_writes_what_inline_writes_write(tmp_path: Path, monkeypatch, depth: int) -> None:
     data = rows()
     inline, threaded = tmp_path / "inline.h5", tmp_path / "threaded.h5"
-    monkeypatch.setattr(cache, "WRITE_QUEUE_DEPTH", 0)
+    monkeypatch.setattr(cache_write, "WRITE_QUEUE_DEPTH", 0)
     write_h5(inline, META, N, SHAPES, DTYPES, batches(data))
-    monkeypatch.setattr(cache, "WRITE_QUEUE_DEPTH", depth)
+    monkeypatch.setattr(cache_write, "WRITE_QUEUE_DEPTH", depth)
     log = patch_writes(monkeypatch, lambda ds: time.sleep(0.002))  # a slow disk: the queue fills
     write_h5(threaded, META, N, SHAPES, DTYPES, batches(data))
-    assert log and all(thread.startswith(cache.WRITER_THREAD) for thread, _ in log)
+    assert log and all(thread.startswith(cache_write.WRITER_THREAD) for thread, _ in log)
     want = expected(data)
     for path in (inline, threaded):
         arrays, crcs = read_back(path)
@@ -121,7 +122,7 @@ def test_writer_thread_writes_what_inline_writes_write(tmp_path: Path, monkeypat
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_at_most_depth_batches_wait_for_the_writer(tmp_path: Path, monkeypatch, depth: int) -> None:
-    monkeypatch.setattr(cache, "WRITE_QUEUE_DEPTH", depth)
+    monkeypatch.setattr(cache_write, "WRITE_QUEUE_DEPTH", depth)
     log = patch_writes(monkeypatch, lambda ds: time.sleep(0.01))
     lags = []
 
@@ -168,11 +169,11 @@ def test_an_error_in_the_writer_thread_surfaces_as_before_and_keeps_the_old_cach
         if len(calls) > 2 * len(SHAPES):
             raise fault
 
-    monkeypatch.setattr(cache, "WRITE_QUEUE_DEPTH", 2)
+    monkeypatch.setattr(cache_write, "WRITE_QUEUE_DEPTH", 2)
     patch_writes(monkeypatch, fail_on_third_batch)
     with pytest.raises(raised) as err:
         write_h5(path, META, N, SHAPES, DTYPES, batches(rows(1)))
-    assert calls[-1].startswith(cache.WRITER_THREAD)
+    assert calls[-1].startswith(cache_write.WRITER_THREAD)
     if raised is DiskFullError:
         assert f"disk full writing {path}" in str(err.value) and err.value.__cause__ is fault
     else:
@@ -185,7 +186,7 @@ def test_an_error_in_the_producer_stops_the_writer_and_removes_the_temp_file(tmp
     path = tmp_path / "features.h5"
     write_h5(path, META, N, SHAPES, DTYPES, batches(rows(0)))
     old = path.read_bytes()
-    monkeypatch.setattr(cache, "WRITE_QUEUE_DEPTH", 2)
+    monkeypatch.setattr(cache_write, "WRITE_QUEUE_DEPTH", 2)
     log = patch_writes(monkeypatch, lambda ds: time.sleep(0.05))  # writes still queued when the producer fails
     fail_after = 4
     raised = in_thread(lambda: write_h5(path, META, N, SHAPES, DTYPES, batches(rows(1), fail_after, error)))

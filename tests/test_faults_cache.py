@@ -28,11 +28,14 @@ import pytest
 import torch
 
 from common import artifacts, discovery, distill, profile, report
-from common.cache import CHECKSUM, FeatureCache, write_h5
+from common.cache import CHECKSUM, FeatureCache
+from common.cache_write import write_h5
 from common.config import Config, load_config
 from common.data import Data, load_data
 from common.errors import CacheError, DiskFullError
 from common.io import atomic_torch_save, atomic_write_text, file_lock
+from common.profile_features import features_path
+from common.profile_manifest import load_manifest
 from common.teacher import ensure_teacher, load_teacher
 from tests.fakedata import make_fashion_mnist
 
@@ -76,14 +79,14 @@ class Tree:
 
     @property
     def features(self) -> Path:
-        return profile.features_path(self.cfg(), self.data)
+        return features_path(self.cfg(), self.data)
 
     @property
     def teacher_pt(self) -> Path:
         return artifacts.teacher_dir(self.cfg(), self.data) / "teacher.pt"
 
     def selected(self) -> list[int]:
-        return profile.load_manifest(self.cfg(), self.data).selected
+        return load_manifest(self.cfg(), self.data).selected
 
 
 @pytest.fixture
@@ -229,7 +232,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import cli
-from common.cache import write_h5
+from common.cache_write import write_h5
 from common.io import atomic_torch_save, atomic_write
 
 point, target = sys.argv[1], Path(sys.argv[2])
@@ -438,7 +441,7 @@ def test_disk_full_is_one_line_leaves_no_partial_file_and_keeps_earlier_artifact
     _fill(small_disk, leave=4 << 20)  # the float32 cache needs ~22 MiB
     before = snapshot(small_disk)
     line = one_error_line(run_script("stage1_profile_teacher.py", tree.args("profile.cache_dtype=float32")))
-    new_cache = profile.features_path(tree.cfg("profile.cache_dtype=float32"), tree.data)
+    new_cache = features_path(tree.cfg("profile.cache_dtype=float32"), tree.data)
     assert "disk full" in line and str(new_cache) in line and str(small_disk) in line, line
     assert not new_cache.exists() and temp_files(small_disk) == []
     after = snapshot(small_disk)

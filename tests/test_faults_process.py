@@ -35,11 +35,13 @@ import pandas as pd
 import pytest
 import torch
 
-from common import distill, profile, report
+from common import distill, report
 from common.cache import FeatureCache
 from common.config import Config, load_config
 from common.data import load_data
 from common.errors import ConfigError, TrainingError
+from common.profile_features import cache_identity
+from common.profile_manifest import load_manifest, select_teacher_layers
 from common.quality import layer_stats
 from common.quality_stream import stream_layer_stats
 from common.train import fit
@@ -281,16 +283,16 @@ def test_stage1_killed_in_each_step_finishes_on_rerun(tree: Tree):
     assert "skipping training" in out.stderr and "step quality_subset_a" not in out.stderr  # only what was left
     cfg = config(tree.tmp, artifacts)
     data = load_data(cfg.dataset)
-    manifest = profile.load_manifest(cfg, data)
+    manifest = load_manifest(cfg, data)
     assert manifest is not None
     with FeatureCache(manifest.features) as cache:
-        cache.check({**profile.cache_identity(manifest.data["teacher"]["sha256"], data), "dtype": "float16"}, rebuild_hint="-")
+        cache.check({**cache_identity(manifest.data["teacher"]["sha256"], data), "dtype": "float16"}, rebuild_hint="-")
         assert set(cache.meta["layers"]) >= set(manifest.selected) | set(manifest.data["baseline_layers"])
         assert cache.covers(data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed))
     assert not temp_files(artifacts), temp_files(artifacts)
     # The killed teacher resumed to the uninterrupted teacher, so S/I/E/Q and the selection agree too.
     assert_same_weights(teacher_dir(artifacts) / "teacher.pt", teacher_dir(tree.reference) / "teacher.pt", "stage-1 kills")
-    reference = profile.load_manifest(config(tree.tmp, tree.reference), data)
+    reference = load_manifest(config(tree.tmp, tree.reference), data)
     assert manifest.data["layers"] == reference.data["layers"] and manifest.selected == reference.selected
 
 
@@ -438,14 +440,14 @@ def test_selection_skips_undefined_layers_and_marks_them():
         "sqrtIE": [1.4, nan, 1.4, nan, 1.7],
     })
     cfg = load_config(None, ["profile.k=2"])
-    quality, top_k, selected, how = profile._select(cfg, stats)
+    quality, top_k, selected, how = select_teacher_layers(cfg, stats)
     assert selected == top_k["Q"] == [0, 4]  # 1 and 3 undefined, 2 infinite: never chosen
     assert top_k["E"] == [1, 4]  # layer 1's E is defined, so E may pick it
     assert list(quality["undefined"]) == ["", "Q S I sqrtIE", "Q", "Q S I E sqrtIE", ""]
     assert list(quality["selected"]) == [True, False, False, False, True]
     with pytest.raises(ConfigError, match="only 2 layers have a score .*skipped"):
-        profile._select(load_config(None, ["profile.k=3"]), stats)
-    assert profile._select(load_config(None, ["profile.k=3", "profile.criterion=E"]), stats)[2] == [0, 1, 4]  # tie to the lower index
+        select_teacher_layers(load_config(None, ["profile.k=3"]), stats)
+    assert select_teacher_layers(load_config(None, ["profile.k=3", "profile.criterion=E"]), stats)[2] == [0, 1, 4]  # tie to the lower index
 
 
 # ----------------------------------------------------------------------------- item 8
@@ -463,9 +465,9 @@ def test_two_methods_at_once_share_teacher_and_profile_and_two_reports_agree(tre
         assert (student_dir(artifacts, method) / "done").exists()
     cfg = config(tree.tmp, artifacts)
     data = load_data(cfg.dataset)
-    manifest = profile.load_manifest(cfg, data)
+    manifest = load_manifest(cfg, data)
     with FeatureCache(manifest.features) as cache:  # both methods' layers, one valid file
-        cache.check({**profile.cache_identity(manifest.data["teacher"]["sha256"], data), "dtype": "float16"}, rebuild_hint="-")
+        cache.check({**cache_identity(manifest.data["teacher"]["sha256"], data), "dtype": "float16"}, rebuild_hint="-")
         assert set(cache.meta["layers"]) >= set(manifest.selected) | set(manifest.data["baseline_layers"])
 
     out = artifacts / "reports"

@@ -67,9 +67,9 @@ def test_similarity_preserving_golden():
     close(L.similarity_preserving_loss(student, teacher), expected["loss"])
 
 
-def test_gram_matrix_golden():
-    case = GOLDEN["gram_matrix"]
-    close(L.gram_matrix(t(case["inputs"]["features"])), case["expected"])
+def test_batch_gram_golden():
+    case = GOLDEN["batch_gram"]
+    close(L.batch_gram(t(case["inputs"]["features"])), case["expected"])
 
 
 def test_semckd_attention_golden():
@@ -152,6 +152,6 @@ def test_semckd_attention_rows_sum_to_one():
 def test_relation_matrices_stay_full_precision_under_autocast():
     f = torch.randn(6, 40)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        gram, cosine = L.gram_matrix(f), L.normalized_gram(f)
+        gram, cosine = L.batch_gram(f), L.normalized_gram(f)
     assert gram.dtype == cosine.dtype == torch.float32
     torch.testing.assert_close(gram, f @ f.T)

@@ -2,14 +2,18 @@
 projectors, pooling, reductions, SimKD's teacher-head copy, SemCKD's batch rule, resolve errors."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.config import MethodConfig
+from common.config import MethodConfig, load_config
 from common.errors import ConfigError, TrainingError
 from common.layers import extract, generalized_layers, layer_table, linearize, modules_after
+from common.method_spec import SPEC_FIELDS, override_fields
 from common.methods import METHODS, build_distiller, resolve_method
 from common.methods.projectors import PairAdapter, from_channels_first, to_channels_first
 from common.registry import UnknownNameError
@@ -365,6 +369,47 @@ def test_resolve_method_applies_overrides_without_touching_the_preset():
     preset = METHODS.get("ours").spec
     assert (preset.mapping, preset.teacher_layers, preset.kd_weight) == ("one2one", "selected", 0.0)
     assert resolve_method(MethodConfig(name="fitnet")) == METHODS.get("fitnet").spec
+
+
+def _other_values(key: str, preset_value: object) -> list[object]:
+    """Values of `key` to try as an override of the `ours` preset: a changed bool or number,
+    then every other preset's value, then the preset's own (always valid)."""
+    values: list[object] = []
+    if isinstance(preset_value, bool):
+        values.append(not preset_value)
+    elif isinstance(preset_value, float):
+        values.append(preset_value + 1.0)
+    values += [getattr(METHODS.get(name).spec, key) for name in METHODS.names()]
+    return [v for v in values if v != preset_value] + [preset_value]
+
+
+def test_every_method_hyperparameter_is_a_config_override():
+    """MethodConfig is derived from MethodSpec (issue 12): each MethodSpec field but the name and the
+    PRESET_ONLY ones is a `method.<key>=...` override that reaches the resolved spec, and no other
+    method key exists, so a new hyperparameter needs no second declaration in config.py."""
+    keys = [f.name for f in override_fields()]
+    assert [f.name for f in dataclasses.fields(MethodConfig)] == ["name", *keys]
+    assert set(SPEC_FIELDS) - set(keys) == {"name", "feature_loss", "teacher_head"}
+    ours = METHODS.get("ours").spec
+    for key in keys:
+        for value in _other_values(key, getattr(ours, key)):
+            as_config = list(value) if isinstance(value, tuple) else value
+            cfg = load_config(None, ["method.name=ours", f"method.{key}={json.dumps(as_config)}"])
+            assert getattr(cfg.method, key) == as_config, key
+            try:
+                spec = resolve_method(cfg.method)
+            except ConfigError:  # valid for its own preset, not for ours (e.g. an empty layer list)
+                continue
+            assert getattr(spec, key) == value, key
+            break
+        else:
+            pytest.fail(f"method.{key}: no value resolves, not even the preset's own")
+
+
+@pytest.mark.parametrize("key,value", [("feature_loss", "sp"), ("teacher_head", "true")])
+def test_preset_only_fields_are_not_config_keys(key, value):
+    with pytest.raises(ConfigError, match=f"unknown config key 'method.{key}'"):
+        load_config(None, [f"method.{key}={value}"])
 
 
 def test_unknown_method_lists_the_names():

@@ -16,6 +16,8 @@ from common.cache import FeatureCache
 from common.config import Config, load_config
 from common.data import load_data
 from common.errors import CacheError, ConfigError, TrainingError
+from common.layer_tables import list_layers
+from common.profile_features import ensure_features
 from common.teacher import load_teacher
 from common.teacher_source import CachedTeacher, LiveTeacher
 from common.train import fit
@@ -177,7 +179,7 @@ def test_corrupt_cache_is_refused_then_rebuilt_by_stage1(tmp_path):
     good = prof.features.read_bytes()
     prof.features.write_bytes(good[: len(good) // 2])  # a half-written file (e.g. copied badly)
     with pytest.raises(CacheError, match="incomplete or corrupt"):
-        profile.ensure_features(cfg, data, [1, 2], data.train_indices)
+        ensure_features(cfg, data, [1, 2], data.train_indices)
     profile.run(cfg, data)
     with FeatureCache(prof.features) as cache:
         assert cache.n == len(data.train.labels)
@@ -199,7 +201,7 @@ def test_changed_teacher_invalidates_cache(tmp_path):
         cache.check({"teacher_sha256": new_sha}, rebuild_hint="make profile")
     # Stage 2 refuses the stale cache and names the field and the command that rebuilds it...
     with pytest.raises(CacheError, match="teacher_sha256.*make profile"):
-        profile.ensure_features(cfg, data, [1, 2], data.train_indices)
+        ensure_features(cfg, data, [1, 2], data.train_indices)
     # ...which rebuilds the features and the Q table for the new checkpoint.
     profile.run(cfg, data)
     with FeatureCache(prof.features) as cache:
@@ -358,5 +360,5 @@ def test_explicit_layer_lists_keep_their_order(profiled):
 
     cfg2 = load_config(None, [f"dataset.root={cfg.dataset.root}", "teacher.name=resnet18", "method.name=ours", "method.teacher_layers=[4,3,-2,1]", "method.student_layers=[5,4,2,1]"])
     teacher_layers, student_layers = distill.resolve_layer_lists(cfg2, resolve_method(cfg2.method), data)
-    n_teacher = len(profile.list_layers(cfg2, data))
+    n_teacher = len(list_layers(cfg2, data))
     assert teacher_layers == [4, 3, n_teacher - 2, 1] and student_layers == [5, 4, 2, 1]

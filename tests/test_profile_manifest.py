@@ -10,6 +10,10 @@ from common import artifacts, distill, profile
 from common.cache import FeatureCache
 from common.data import load_data
 from common.errors import CacheError
+from common.layer_tables import layer_shapes
+from common.profile_features import ensure_features, features_path
+from common.profile_manifest import load_manifest
+from common.profile_quality import q_subsets
 from tests.test_pipeline import tiny_config
 
 
@@ -43,12 +47,12 @@ def test_profile_criterion_is_the_one_criterion_stage2_uses(workspace):
     tmp, base, _, data = workspace
     cfg = tiny_config(tmp, *base, "profile.criterion=S", "method.name=ours")
     result = distill.run(cfg, seeds=[0])[0]
-    manifest = profile.load_manifest(cfg, data)
+    manifest = load_manifest(cfg, data)
     assert manifest.selected == manifest.data["top_k"]["S"] == _run_layers(result)
     assert yaml.safe_load((manifest.dir / "selection.yaml").read_text())["layers"] == _run_layers(result)
     # the ablation preset names its criterion and takes the same profile's top-k by it
     cfg_e = tiny_config(tmp, *base, "method.name=ours_e")
-    assert _run_layers(distill.run(cfg_e, seeds=[0])[0]) == profile.load_manifest(cfg_e, data).data["top_k"]["E"]
+    assert _run_layers(distill.run(cfg_e, seeds=[0])[0]) == load_manifest(cfg_e, data).data["top_k"]["E"]
 
 
 def test_changing_k_reselects_without_recomputing_or_invalidating_runs(workspace):
@@ -71,7 +75,7 @@ def test_changing_k_reselects_without_recomputing_or_invalidating_runs(workspace
 def test_feature_cache_holds_the_training_rows_and_grows_on_demand(workspace):
     tmp, base, cfg, data = workspace
     profile.run(cfg, data)
-    path = profile.features_path(cfg, data)
+    path = features_path(cfg, data)
     rows60 = data.training_subset(60, cfg.dataset.split_seed)
     with FeatureCache(path) as cache:
         assert torch.equal(cache.positions.sort().values, rows60)
@@ -84,7 +88,7 @@ def test_feature_cache_holds_the_training_rows_and_grows_on_demand(workspace):
     rows120 = data.training_subset(120, cfg.dataset.split_seed)
     with FeatureCache(path) as cache:
         old = cache.gather("logits", rows60)
-    profile.ensure_features(cfg, data, [1, 2], rows120)
+    ensure_features(cfg, data, [1, 2], rows120)
     with FeatureCache(path) as cache:
         assert cache.covers(rows120) and cache.covers(rows60)
         torch.testing.assert_close(cache.gather("logits", rows60), old)
@@ -97,10 +101,10 @@ def test_activations_are_written_only_on_request_and_hold_subset_a(workspace):
     assert not (artifacts.quality_dir(cfg, data) / "activations.h5").exists()
     kept = tiny_config(tmp, *base, "profile.keep_activations=true", "profile.seed=1")
     profile.run(kept, data)
-    subset_a, _ = profile.q_subsets(kept, data)
+    subset_a, _ = q_subsets(kept, data)
     with FeatureCache(artifacts.quality_dir(kept, data) / "activations.h5") as acts:
         assert torch.equal(acts.positions, subset_a) and len(acts.meta["layers"]) == 10
-        assert acts.shape("layer_0") == tuple(profile.layer_shapes(kept, data)[0])
+        assert acts.shape("layer_0") == tuple(layer_shapes(kept, data)[0])
 
 
 def test_the_artifact_layout_reads_back_what_it_builds(tmp_path):

@@ -11,7 +11,9 @@
 Presets (METHODS.names()): ce, kd, kd_std, fitnet, fitnet_nokd, fitnet_fc, sp, simkd, semckd,
 stl_seplin, ours, ours+ce, ours+ce+kd, ours_s, ours_i, ours_e, ours_sqrtie.
 One module per family: ce.py, kd.py, feature.py (FitNet family, ours, ablations), sp.py,
-simkd.py, semckd.py; shared pieces in base.py and projectors.py; formulas in common/losses.py.
+simkd.py, semckd.py; shared pieces in base.py and projectors.py; formulas in common/losses.py;
+the hyperparameters in MethodSpec (common/method_spec.py), from which config.py derives the
+`method:` section, so every MethodSpec field but the PRESET_ONLY ones is a `method.<key>=` override.
 """
 from __future__ import annotations
 
@@ -22,24 +24,23 @@ from torch import nn
 from common.config import MethodConfig
 from common.errors import ConfigError
 from common.layers import generalized_layers, layer_table, resolve_layers
+from common.method_spec import MethodSpec
 from common.methods import ce, feature, kd, semckd, simkd, sp  # noqa: F401  (registers the presets)
 from common.methods.base import (
     FEATURE_LOSSES,
     MAPPINGS,
     METHODS,
-    SPEC_FIELDS,
     BuildContext,
     Distiller,
     FeatureContext,
     MethodPreset,
-    MethodSpec,
     validate_spec,
 )
 from common.methods.projectors import PROJECTORS
 
 __all__ = [
     "FEATURE_LOSSES", "MAPPINGS", "METHODS", "PROJECTORS", "Distiller", "MethodPreset",
-    "MethodSpec", "build_distiller", "resolve_method",
+    "build_distiller", "resolve_method",
 ]
 
 
@@ -47,7 +48,8 @@ def resolve_method(cfg: MethodConfig) -> MethodSpec:
     """The preset `cfg.name` with every non-None field of `cfg` overriding it, validated.
 
     Unknown name: UnknownNameError listing the presets. Bad value: ConfigError naming the key
-    and the allowed values. Layer lists become tuples of ints.
+    and the allowed values. Layer lists become tuples of ints. Every field of `cfg` but the name
+    is a MethodSpec field, since config.py derives MethodConfig from MethodSpec.
     """
     preset = METHODS.get(cfg.name).spec
     overrides: dict[str, object] = {}
@@ -55,8 +57,6 @@ def resolve_method(cfg: MethodConfig) -> MethodSpec:
         value = getattr(cfg, f.name)
         if f.name == "name" or value is None:
             continue
-        if f.name not in SPEC_FIELDS:
-            raise ConfigError(f"method.{f.name} is not a method field; valid: {', '.join(SPEC_FIELDS[1:])}")
         if isinstance(value, list):
             value = tuple(value)
         overrides[f.name] = value

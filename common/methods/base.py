@@ -1,77 +1,35 @@
-"""The method interface: MethodSpec, the registries, and the Distiller base class (METHOD 8, 9).
+"""The method interface: the registries, validation and the Distiller base class (METHOD 8, 9).
 
-A *method* is a preset MethodSpec (all fields set) plus the Distiller class that runs it. The
-training loop only calls the Distiller (`forward_train`) and `forward_eval`; everything method-specific
-(projectors, attention MLPs, a teacher-head copy) lives inside the Distiller, so the optimiser
-picks it up through `distiller.parameters()` (METHOD 8.7: one AdamW over all trainable modules).
+A *method* is a preset MethodSpec (all fields set; declared torch-free in common/method_spec.py,
+so that config.py can derive the `method:` section from it) plus the Distiller class that runs
+it. The training loop only calls the Distiller (`forward_train`) and `forward_eval`; everything
+method-specific (projectors, attention MLPs, a teacher-head copy) lives inside the Distiller, so
+the optimiser picks it up through `distiller.parameters()` (METHOD 8.7: one AdamW over all
+trainable modules).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import CRITERIA
 from common.errors import ConfigError
 from common.layers import forward_with_features
 from common.losses import kd_loss
-from common.config import CRITERIA
-from common.methods.projectors import PROJECTORS
+from common.method_spec import MethodSpec
+from common.methods.projectors import PROJECTORS, Shape
 from common.registry import Registry
-
-Shape = tuple[int, ...]
 
 # "selected": stage 1's selection; a criterion: the profile's top-k by it; "baseline": the
 # teacher's baseline list (METHOD 7). Stage 2 turns a word into indices with
-# common.profile.Manifest.teacher_layers.
+# common.profile_manifest.Manifest.teacher_layers.
 TEACHER_LAYER_WORDS = ("selected", "baseline", *CRITERIA)
 STUDENT_LAYER_WORDS = ("baseline",)
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A fully resolved method (METHOD 9): every field set. See common/methods/__init__.py."""
-
-    name: str
-    ce_weight: float  # CE on the logits (for detach_head methods it only trains the head)
-    kd_weight: float  # vanilla KD weight (16 for T = 4); 0 = off
-    kd_temperature: float
-    kd_standardize: bool  # logit standardisation (METHOD 8.4)
-    feature_loss: str  # none | mse | sp | semckd
-    feature_weight: float
-    teacher_layers: str | tuple[int, ...]  # a word of TEACHER_LAYER_WORDS | explicit; () without a feature loss
-    student_layers: str | tuple[int, ...]  # "baseline" | explicit; () without a feature loss
-    mapping: str  # one2one | full
-    projector: str  # conv1x1 | three_layer | none
-    detach_head: bool  # METHOD 8.1 SeperateLinear: no logit loss reaches the backbone
-    teacher_head: bool  # SimKD: logits from a trainable copy of the teacher's modules after its last distilled layer
-
-
-    # What the method takes from the teacher, declared once here; stage 2 builds only that.
-    @property
-    def needs_teacher_features(self) -> bool:
-        return self.feature_loss != "none"
-
-    @property
-    def needs_teacher_logits(self) -> bool:
-        return self.kd_weight > 0
-
-    @property
-    def needs_teacher_model(self) -> bool:
-        """SimKD copies the teacher's modules after its last distilled layer into the student."""
-        return self.teacher_head
-
-    @property
-    def needs_teacher(self) -> bool:
-        """Any knowledge from the teacher; a method without it is the CE student baseline
-        (METHOD 8.7: it trains at the model's CE learning rate, every other method at the KD one)."""
-        return self.needs_teacher_features or self.needs_teacher_logits or self.needs_teacher_model
-
-
-SPEC_FIELDS = tuple(f.name for f in fields(MethodSpec))
 
 
 # ----------------------------------------------------------------------------- mappings (8.3)

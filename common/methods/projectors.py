@@ -19,7 +19,7 @@ from common.errors import ConfigError
 from common.losses import adaptive_avg_pool, pooled_side
 from common.registry import Registry
 
-Shape = tuple[int, ...]
+Shape = tuple[int, ...]  # per-sample feature shape: (C, H, W), (T, D) or (D,), told apart by rank
 ProjectorBuilder = Callable[[int, int, int], nn.Module]  # (c_in, c_out, spatial_dims) -> module
 
 PROJECTORS: Registry[ProjectorBuilder] = Registry("projector")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError, TrainingError
-from common.losses import feature_mse_per_sample, gram_matrix, semckd_attention, semckd_loss
+from common.losses import batch_gram, feature_mse_per_sample, semckd_attention, semckd_loss
 from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, KD_T4, FeatureContext, register_method
 from common.methods.projectors import PairAdapter
 
@@ -54,8 +54,8 @@ class SemCKDTerm(nn.Module):
 
     def attention(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         """Per-sample weights (B, n_s, n_t) from the Gram rows of every layer."""
-        queries = torch.stack([mlp(gram_matrix(f)) for mlp, f in zip(self.queries, student)], dim=1)
-        keys = torch.stack([mlp(gram_matrix(f)) for mlp, f in zip(self.keys, teacher)], dim=1)
+        queries = torch.stack([mlp(batch_gram(f)) for mlp, f in zip(self.queries, student)], dim=1)
+        keys = torch.stack([mlp(batch_gram(f)) for mlp, f in zip(self.keys, teacher)], dim=1)
         return semckd_attention(queries, keys)
 
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:

@@ -111,7 +111,7 @@ def main() -> None:
 
     f = rng.normal(size=(4, 2, 3))
     flat = f.reshape(4, -1)
-    cases["gram_matrix"] = {"inputs": {"features": f}, "expected": flat @ flat.T}
+    cases["batch_gram"] = {"inputs": {"features": f}, "expected": flat @ flat.T}
 
     q, k = rng.normal(size=(3, 2, 4)), rng.normal(size=(3, 3, 4))
     logits = np.einsum("bse,bte->bst", q, k)
