@@ -45,6 +45,7 @@ from common import artifacts, distill, profile  # noqa: E402
 from common.cache import epoch_batches  # noqa: E402
 from common.config import Config, load_config  # noqa: E402
 from common.data import Data, load_data  # noqa: E402
+from common.layer_tables import layer_shapes  # noqa: E402
 from common.methods import build_distiller, resolve_method  # noqa: E402
 from common.models import create_model  # noqa: E402
 
@@ -73,7 +74,6 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=2000, help="cifar: generated training images = train subset (default 2000)")
     p.add_argument("--n-test", type=int, default=500, help="cifar: generated test images (evaluation is not timed)")
     p.add_argument("--passes", type=int, default=3, help="epochs of the interleaved by-part breakdown (default 3; 0: none)")
-    p.add_argument("--channels-last", action="store_true", help="breakdown only: students in channels_last (NHWC)")
     p.add_argument("--no-live", action="store_true", help="skip 'ours (live teacher)' (a full teacher forward per batch)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); 1 is steadier on a loaded machine")
     p.add_argument("overrides", nargs="*")
@@ -89,7 +89,7 @@ def main() -> None:
         config = args.config or DEFAULT_CONFIG[args.size]
         cfg = load_config(config, overrides + ["train.progress=false", "teacher_train.progress=false"])
         data = load_data(cfg.dataset)
-        bench(cfg, data, variants, args.repeats, args.passes, args.channels_last, f"{args.size} size ({config}, threads {torch.get_num_threads()})")
+        bench(cfg, data, variants, args.repeats, args.passes, cfg.train.channels_last, f"{args.size} size ({config}, threads {torch.get_num_threads()})")
 
 
 def bench(cfg: Config, data: Data, variants: dict[str, dict[str, str]], repeats: int, passes: int, channels_last: bool, title: str) -> None:
@@ -140,7 +140,7 @@ def breakdown(cfg: Config, data: Data, passes: int, channels_last: bool) -> None
     rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
     ours = resolve_method(dataclasses.replace(cfg.method, name="ours"))
     teacher_layers, student_layers = distill.resolve_layer_lists(cfg, ours, data)
-    all_shapes = profile.layer_shapes(cfg, data)
+    all_shapes = layer_shapes(cfg, data)
     shapes = {i: all_shapes[i] for i in teacher_layers}
     source = distill._teacher_source(cfg, data, ours, teacher_layers, torch.device("cpu"))
     steps = {name: _step_fn(cfg, data, name, source, teacher_layers, student_layers, shapes, channels_last) for name in ("ce", "ours")}

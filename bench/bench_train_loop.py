@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--images", type=int, default=None, help="training images per epoch for both roles (default: each role's train_subset)")
     p.add_argument("--n-train", type=int, default=2000, help="cifar: generated training images")
-    p.add_argument("--channels-last", action="store_true", help="also time the plain loop with the model in channels_last (NHWC)")
+    p.add_argument("--other-layout", action="store_true", help="also time the plain loop in the other memory layout (NCHW when train.channels_last is on, else NHWC)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); 1 is steadier on a loaded machine")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -136,16 +136,19 @@ def main() -> None:
         config = args.config or DEFAULT_CONFIG[args.size]
         cfg = load_config(config, overrides)
         data = load_data(cfg.dataset)
-        bench(cfg, data, args.repeats, args.images, args.channels_last, f"{args.size} size ({config}, threads {torch.get_num_threads()})")
+        bench(cfg, data, args.repeats, args.images, args.other_layout, f"{args.size} size ({config}, threads {torch.get_num_threads()})")
 
 
-def bench(cfg: Config, data: Data, repeats: int, images: int | None, channels_last: bool, title: str) -> None:
-    variants = ["fit", "plain"] + (["plain channels_last"] if channels_last else [])
+def bench(cfg: Config, data: Data, repeats: int, images: int | None, other_layout: bool, title: str) -> None:
+    """The plain loop uses fit's memory layout (train.channels_last), so fit / plain measures the
+    loop alone; `other_layout` adds the plain loop in the other layout, which measures the layout."""
+    variants = ["fit", "plain"] + (["plain, other layout"] if other_layout else [])
     print(f"\n{title}: training images/s, median of {repeats} interleaved one-epoch runs:")
-    extra = " plain channels_last img/s | channels_last / plain |" if channels_last else ""
-    print(f"| model | images | batch | fit img/s (median) | plain img/s (median) | fit / plain (median of the repeats' ratios) | each repeat's ratio |{extra}")
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if channels_last else ""))
+    extra = " plain in the other layout img/s | fit's layout / other (plain loops) |" if other_layout else ""
+    print(f"| model | layout | images | batch | fit img/s (median) | plain img/s (median) | fit / plain (median of the repeats' ratios) | each repeat's ratio |{extra}")
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if other_layout else ""))
     for role in roles(cfg):
+        layout = "NHWC" if role.train.channels_last else "NCHW"
         subset = images if images is not None else role.train.train_subset
         rows = data.training_subset(subset, cfg.dataset.split_seed)
         device = resolve_device(role.train.device)
@@ -156,7 +159,7 @@ def bench(cfg: Config, data: Data, repeats: int, images: int | None, channels_la
         def run(variant: str, seed: int) -> float:
             if variant == "fit":
                 return run_fit(role, data, rows, seed)
-            return run_plain(role, data, x_all, y_all, seed, channels_last=variant == "plain channels_last")
+            return run_plain(role, data, x_all, y_all, seed, channels_last=role.train.channels_last != (variant == "plain, other layout"))
 
         for variant in variants:  # warm-up (allocator, oneDNN primitives), not counted
             run(variant, seed=100)
@@ -166,11 +169,11 @@ def bench(cfg: Config, data: Data, repeats: int, images: int | None, channels_la
                 ips[variant].append(run(variant, seed=rep))
         med = {v: statistics.median(x) for v, x in ips.items()}
         ratios = [a / b for a, b in zip(ips["fit"], ips["plain"])]
-        row = (f"| {role.name} | {len(rows)} | {role.train.batch_size} | {med['fit']:.0f} | {med['plain']:.0f} | "
+        row = (f"| {role.name} | {layout} | {len(rows)} | {role.train.batch_size} | {med['fit']:.0f} | {med['plain']:.0f} | "
                f"{statistics.median(ratios):.3f} | {', '.join(f'{r:.2f}' for r in ratios)} |")
-        if channels_last:
-            cl_ratios = [a / b for a, b in zip(ips["plain channels_last"], ips["plain"])]
-            row += f" {med['plain channels_last']:.0f} | {statistics.median(cl_ratios):.3f} |"
+        if other_layout:
+            layout_ratios = [a / b for a, b in zip(ips["plain"], ips["plain, other layout"])]
+            row += f" {med['plain, other layout']:.0f} | {statistics.median(layout_ratios):.3f} |"
         print(row, flush=True)
 
 

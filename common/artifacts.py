@@ -40,8 +40,9 @@ _RUNTIME_ONLY = ("progress", "device", "eval_batch_size", "teacher_source", "see
 
 # Settings read only by one optimizer or one schedule: left out of the key of the others.
 _ONLY_FOR = {"momentum": ("optimizer", "sgd"), "pct_start": ("schedule", "onecycle"), "milestones": ("schedule", "multistep"), "gamma": ("schedule", "multistep")}
-# Keys added after artifacts existed, left out at these values so finished runs keep their directory.
-_ADDED_DEFAULTS = {"optimizer": "adamw", "schedule": "onecycle"}
+# Keys added after artifacts existed, left out at the values those runs had, so finished runs keep
+# their directory (runs before channels_last trained in NCHW: channels_last=false finds them).
+_ADDED_DEFAULTS = {"optimizer": "adamw", "schedule": "onecycle", "channels_last": False}
 
 
 def _train_key(train: TrainConfig) -> dict[str, Any]:
