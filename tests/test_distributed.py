@@ -114,6 +114,45 @@ def test_recipe_keys_only_enter_the_run_hash_when_they_apply():
     assert key(sgd.train) != key(base.train) and key(sgd.train)["momentum"] == 0.9
 
 
+def test_channels_last_is_in_the_run_key_and_off_finds_the_runs_made_before_it():
+    key = artifacts._train_key
+    on, off = load_config(None, []).train, load_config(None, ["train.channels_last=false"]).train
+    before = {k: v for k, v in key(off).items()}  # what a run made before the key existed hashed
+    assert on.channels_last and key(on)["channels_last"] is True
+    assert "channels_last" not in key(off) and key(off) == before and key(on) != key(off)
+
+
+def test_fit_trains_a_cnn_in_channels_last_and_its_weights_load_into_nchw(tmp_path):
+    """The layout changes float order only: two SGD steps land within float noise of NCHW, and
+    the saved weights load into a fresh NCHW model."""
+    from common.config import MethodConfig
+    from common.methods import build_distiller, resolve_method
+    from common.models import create_model
+    from common.train import fit
+
+    make_fashion_mnist(tmp_path / "fmnist", n_train=40, n_test=20, seed=0)
+    weights = {}
+    for layout in (True, False):
+        cfg = load_config(None, [f"dataset.root={tmp_path / 'fmnist'}", "train.epochs=1", "train.batch_size=16", "train.optimizer=sgd",
+                                 "train.schedule=multistep", "train.progress=false", "train.tracker=none", f"train.channels_last={str(layout).lower()}"])
+        data = load_data(cfg.dataset)
+        torch.manual_seed(0)
+        student = create_model("resnet9", num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, width=0.25)
+        ce = build_distiller(resolve_method(MethodConfig(name="ce")), student, num_classes=data.num_classes,
+                             input_shape=(data.in_channels, data.image_size, data.image_size), teacher_layers=[], student_layers=[], teacher_shapes={})
+        fit(ce, data, cfg.train, tmp_path / f"run-{layout}", lr=0.05, train_indices=torch.arange(32), weights_of=student)
+        inner = student.layer1[0].conv1.weight  # 16 input channels: the two layouts differ (conv1 has 1)
+        assert inner.is_contiguous(memory_format=torch.channels_last) == layout and inner.is_contiguous() != layout
+        weights[layout] = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    moved = [k for k, v in weights[True].items() if v.is_floating_point() and not torch.equal(v, weights[False][k])]
+    assert moved  # float order differs somewhere, or the layout was not applied
+    for name, value in weights[True].items():
+        assert torch.allclose(value.float(), weights[False][name].float(), rtol=1e-4, atol=1e-5), name
+    fresh = create_model("resnet9", num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, width=0.25)
+    fresh.load_state_dict(weights[True])
+    assert torch.equal(fresh.layer1[0].conv1.weight, weights[True]["layer1.0.conv1.weight"]) and fresh.layer1[0].conv1.weight.is_contiguous()
+
+
 @pytest.mark.parametrize(
     "override, words",
     [("train.optimizer=adam", "train.optimizer"), ("train.schedule=cosine", "train.schedule"), ("train.milestones=[5,3]", "increasing"), ("train.gamma=0", "train.gamma")],
