@@ -53,7 +53,7 @@ from common.layers import forward_with_features  # noqa: E402
 from common.models import MODELS  # noqa: E402
 from common.profile_features import ensure_features_with, features_path  # noqa: E402
 from common.teacher import build_teacher  # noqa: E402
-from common.train import resolve_device  # noqa: E402
+from common.runtime import resolve_device  # noqa: E402
 
 GOAL = 0.85
 INFERENCE = "inference, no writes"

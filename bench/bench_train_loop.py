@@ -37,7 +37,8 @@ from common.config import Config, MethodConfig, ModelConfig, TrainConfig, load_c
 from common.data import Data, load_data  # noqa: E402
 from common.methods import build_distiller, resolve_method  # noqa: E402
 from common.models import MODELS, create_model  # noqa: E402
-from common.train import fit, resolve_device  # noqa: E402
+from common.runtime import resolve_device  # noqa: E402
+from common.train import fit  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from common.errors import ConfigError
 from common.layer_tables import layer_table_for
 from common.profile_quality import q_subsets
 from common.teacher import build_teacher, check_names
-from common.train import resolve_device
+from common.runtime import resolve_device
 
 
 def load_checked(cfg: Config, data: Data | None = None) -> Data:

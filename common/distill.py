@@ -33,7 +33,8 @@ from common.profile_features import ensure_features, rebuild_hint
 from common.profile_manifest import Manifest
 from common.teacher import ensure_teacher, load_teacher
 from common.teacher_source import CachedTeacher, LiveTeacher
-from common.train import CHECKPOINT, TeacherSource, finish, fit, resolve_device, seed_everything
+from common.runtime import resolve_device, seed_everything
+from common.train import CHECKPOINT, TeacherSource, finish, fit
 
 log = logging.getLogger("kd")
 

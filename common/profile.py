@@ -48,7 +48,7 @@ from common.profile_features import ensure_features_with
 from common.profile_manifest import Manifest, load_manifest, select_teacher_layers, write_manifest, write_selection
 from common.profile_quality import ensure_quality, log_step
 from common.teacher import ensure_teacher, load_teacher
-from common.train import resolve_device
+from common.runtime import resolve_device
 
 log = logging.getLogger("kd")
 

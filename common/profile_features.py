@@ -19,7 +19,7 @@ from common.io import code_version, file_lock, peak_rss_mb
 from common.layer_tables import layer_shapes
 from common.layers import extract, forward_with_features
 from common.teacher import checkpoint_sha, load_teacher
-from common.train import resolve_device
+from common.runtime import resolve_device
 
 log = logging.getLogger("kd")
 

@@ -19,7 +19,8 @@ from common.io import atomic_write_yaml, file_lock, mark_failed, peak_rss_mb, sh
 from common.layers import backbone_and_head_parameters
 from common.methods import build_distiller, resolve_method
 from common.models import MODELS, create_model
-from common.train import finish, fit, seed_everything
+from common.runtime import seed_everything
+from common.train import finish, fit
 
 log = logging.getLogger("kd")
 

@@ -6,19 +6,20 @@ split when there is one), a checkpoint every epoch, resume to the same result, N
 
 The loop knows nothing of any method: it calls the distiller (its forward_train) and sums the
 losses. Under torchrun the same loop runs on every rank (common/distributed.py).
+
+Device and seeding live in common/runtime.py, the optimizer and schedule in common/recipes.py.
+One module at about 440 lines: setup, epoch, resume and checkpoint are the steps of one loop and
+share its state (`_Loop`, `_Progress`); apart, each would take that state as arguments.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ from tqdm import tqdm
 from common.cache import epoch_batches
 from common import distributed, tracking
 from common.config import TrainConfig
+from common.recipes import make_optimizer, make_scheduler
+from common.runtime import resolve_device
 from common.data import Data, augment_batch
 from common.distributed import SINGLE, Ranks
 from common.errors import ConfigError, TrainingError
@@ -74,51 +77,6 @@ class Trainable(Protocol):
         ...
 
 
-# Set to 1 to make CUDA runs repeat exactly (see `set_deterministic`); the CPU needs nothing.
-DETERMINISTIC_ENV = "KD_DETERMINISTIC"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA); on the CPU this fixes a run's result."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def deterministic_requested() -> bool:
-    return os.environ.get(DETERMINISTIC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def set_deterministic() -> None:
-    """Deterministic GPU kernels: the same seed then gives the same numbers run after run.
-
-    On the CPU a run is already fixed by its seed (for one torch build and thread count). On a
-    GPU, cuDNN's autotuner may pick other convolution algorithms per run, and kernels that
-    accumulate with atomics (index_add_, scatter_add_, some convolution backward passes) sum in
-    a varying order; this turns both off. cuBLAS needs a fixed workspace, read when its handle is
-    created, so the variable is set before the first CUDA matmul. `warn_only`: an op without a
-    deterministic kernel warns instead of stopping a long run.
-    """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device for a config's `device` value; applies KD_DETERMINISTIC=1 first."""
-    if deterministic_requested():  # every stage picks its device before its first CUDA call
-        set_deterministic()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' requested but no CUDA GPU is visible; use train.device=cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-
-
 @dataclass
 class FitResult:
     best_epoch: int
@@ -154,24 +112,6 @@ def evaluate(
 def _autocast(device: torch.device, amp: bool):
     # bfloat16 needs no loss scaling; on the CPU we stay in float32 so seeds fix results exactly.
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
-def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW (the paper's recipe, METHOD 8.7) or SGD with momentum (the reference's "+240E")."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per batch. OneCycle over the steps actually taken (section 0 item 6);
-    MultiStep drops the LR by `gamma` after each milestone epoch, which per batch is after
-    milestone x steps_per_epoch steps (the reference steps it once per epoch: the same LRs)."""
-    if cfg.schedule == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [m * steps_per_epoch for m in cfg.milestones], gamma=cfg.gamma)
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.pct_start
-    )
 
 
 @dataclass

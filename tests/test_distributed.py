@@ -26,7 +26,7 @@ from common.config import TrainConfig, load_config
 from common.data import load_data
 from common.distributed import Ranks
 from common.errors import ConfigError
-from common.train import make_optimizer, make_scheduler
+from common.recipes import make_optimizer, make_scheduler
 from tests.fakedata import make_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,7 +244,7 @@ def _descendants(pid: int) -> list[int]:
 
 def _initial_student(tmp: Path) -> dict[str, torch.Tensor]:
     from common.models import create_model
-    from common.train import seed_everything
+    from common.runtime import seed_everything
 
     seed_everything(0)
     return create_model("vit_ett", num_classes=10, in_channels=1, image_size=28, width=0.125).state_dict()

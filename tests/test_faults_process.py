@@ -197,7 +197,7 @@ def test_same_seed_and_config_give_identical_metrics_and_weights(uninterrupted):
 def test_kd_deterministic_turns_on_deterministic_kernels(monkeypatch):
     """KD_DETERMINISTIC=1 (for GPUs; the CPU result is fixed anyway) is applied by resolve_device,
     which every stage calls before its first CUDA work."""
-    from common.train import resolve_device
+    from common.runtime import resolve_device
 
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # restored at teardown, whatever resolve_device sets
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
