@@ -21,10 +21,10 @@ COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
-.PHONY: setup test demo teacher profile layers distill study report export bench bench-speed bench-export bench-profile bench-quality clean-demo help
+.PHONY: setup test demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality clean-demo help
 
 help:
-	@sed -n '1,5p' Makefile; echo; echo "targets: setup test demo teacher profile layers distill study report export bench bench-speed bench-export bench-profile bench-quality"
+	@sed -n '1,5p' Makefile; echo; echo "targets: setup test demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality"
 
 setup:
 	@bash .ci/setup.sh
@@ -84,8 +84,13 @@ bench: setup
 # `ours` epoch from the cache vs `ce` at CIFAR size; the training loop vs a plain torchvision-style loop.
 bench-speed: setup
 	$(PY) bench/bench_extract.py
-	$(PY) bench/bench_epoch.py --size cifar
-	$(PY) bench/bench_train_loop.py
+	$(PY) bench/bench_epoch.py --size cifar --no-live
+	$(PY) bench/bench_train_loop.py --other-layout
+	$(PY) bench/bench_train_loop.py --size cifar
+
+# The disk cost of each artifact for every model of the paper's grid at CIFAR-100 and Tiny ImageNet shapes.
+bench-sizes: setup
+	$(PY) bench/bench_artifact_sizes.py
 
 # Stage 1 at CIFAR-100 scale (generated pickles): peak RSS and bytes written per step. The
 # full-width teacher takes about an hour on 2 CPU cores; BENCH_WIDTHS="0.25" is minutes.
