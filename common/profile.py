@@ -86,7 +86,7 @@ def run(cfg: Config, data: Data | None = None) -> Profile:
     data = data if data is not None else load_data(cfg.dataset)
     validate(cfg, len(layer_table_for(cfg.teacher, data)))
     tic = time.perf_counter()
-    tdir = ensure_teacher(cfg, data)
+    ensure_teacher(cfg, data)
     log_step("teacher", tic)
     device = resolve_device(cfg.profile.device)
     teacher, teacher_sha = load_teacher(cfg, data, device)
