@@ -8,7 +8,8 @@ Implements METHOD section 6 (6.2-6.6) and section 0 items 1, 2 and 4. The refere
 * I is normalised by the hard-coded constant ln 5 (12.8).
 * E carries K = (N_train / pi)^(1 / PCAGID) with PCAGID = min(|A|, D) (12.7).
 * H_k = 0 when the truncated spectrum of class k holds an exact zero (12.6). The exact zeros are
-  the zero padding past the class's own spectrum length min(n_k, D); values that are zero only
+  the zero padding past the class's own spectrum length min(n_k, D) up to n_max = max_k |B_k|
+  (so a layer with D < T <= n_max gets H_k = 0 in every class: I = 0, Q = S); values that are zero only
   up to rounding (rank deficiency) are ordinary spectrum entries, as in the reference, whose
   float32 SVD returns them as tiny non-zeros (0 * ln 0 counts as 0 there).
 
@@ -366,12 +367,14 @@ def _centred_sq_singular_values(z: Tensor, device: torch.device) -> Tensor:
 def class_spectra(x: Tensor, y: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
     """Statistic 7 (METHOD 6.4): explained-variance ratios lambda_kj of each class of subset B.
 
-    Returns (lam [C, n_max] float64, zero-padded past min(n_k, D); lengths [C] = min(n_k, D)).
-    A class with zero total variance gives a NaN row, as in the reference.
+    Returns (lam [C, n_max] float64 with n_max = max_k |B_k|, zero-padded past min(n_k, D);
+    lengths [C] = min(n_k, D)). A class with zero total variance gives a NaN row, as in the
+    reference.
     """
     y = y.detach().reshape(-1).to(x.device)
-    classes = torch.unique(y)
-    return explained_variance_rows([class_spectrum(x[y == c], device) for c in classes])
+    classes, counts = torch.unique(y, return_counts=True)
+    spectra = [class_spectrum(x[y == c], device) for c in classes]
+    return explained_variance_rows(spectra, n_max=int(counts.max()))
 
 
 def class_spectrum(z: Tensor, device: torch.device) -> Tensor:
@@ -379,10 +382,17 @@ def class_spectrum(z: Tensor, device: torch.device) -> Tensor:
     return _centred_sq_singular_values(flatten_features(z), device).cpu()
 
 
-def explained_variance_rows(spectra: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-class squared singular values -> (lam [C, n_max] zero-padded, lengths [C]) (METHOD 6.4)."""
+def explained_variance_rows(spectra: Sequence[Tensor], n_max: int) -> tuple[Tensor, Tensor]:
+    """Per-class squared singular values -> (lam [C, n_max] zero-padded, lengths [C]) (METHOD 6.4).
+
+    n_max is the largest class of subset B, max_k |B_k|, NOT the longest spectrum max_k min(n_k, D):
+    on a layer narrower than B's classes (D < n_max) the columns past D are zero padding, so a
+    truncation T > D reaches them and quirk 12.6 sets H_k = 0 (I = 0, Q = S), as the reference does.
+    """
     lengths = torch.tensor([s2.numel() for s2 in spectra], dtype=torch.long)
-    lam = torch.zeros(len(spectra), int(lengths.max()), dtype=torch.float64)
+    if int(lengths.max()) > n_max:
+        raise ValueError(f"a spectrum of length {int(lengths.max())} exceeds n_max={n_max}; pass max_k |B_k|")
+    lam = torch.zeros(len(spectra), n_max, dtype=torch.float64)
     for k, s2 in enumerate(spectra):
         lam[k, : s2.numel()] = s2 / s2.sum()
     return lam, lengths
@@ -522,7 +532,15 @@ def layer_quality(
     seed: int = 0,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """`draw_subsets` on `labels` (C = max label + 1, as the reference), then `layer_stats`."""
+    """S, I, E, Q of one layer from its features on a pool of training samples: the public entry
+    point for features of your own.
+
+    features: [n, ...] (any rank; 4-D maps above 262 144 values are max-pooled, METHOD 6.3);
+    labels: [n] class indices; n_train: the full training-set size (K uses it). Draws the seeded
+    class-balanced subsets A and B from the pool (`draw_subsets`, C = max label + 1 as the
+    reference), then returns `layer_stats` on them: S, I, E, Q, sqrtIE and the intermediate
+    statistics. Example: ``layer_quality(torch.relu(torch.randn(5000, 64)), labels, 50_000)``.
+    """
     labels = labels.reshape(-1)
     num_classes = int(labels.max()) + 1
     subset_a, subset_b = draw_subsets(

@@ -229,7 +229,8 @@ def spectra_of_subset_b(
                 spectra[layer].append(class_spectrum(z, device))
             del parts, z
             release_free_memory()  # else the heap keeps every class's freed batches, fragmented
-    return {layer: explained_variance_rows(s2) for layer, s2 in spectra.items()}
+    n_max = int(counts.max())  # METHOD 6.5 pads every row to max_k |B_k|, whatever D is
+    return {layer: explained_variance_rows(s2, n_max) for layer, s2 in spectra.items()}
 
 
 def stream_layer_stats(

@@ -98,6 +98,16 @@ def test_golden_cases_cover_both_regimes_truncation_and_quirk():
     assert cases["d_gt_n"]["D"] > b_per_class["d_gt_n"]
     assert cases["truncated"]["T"] < b_per_class["truncated"]
     assert cases["quirk_zero"]["zero_classes"] == [0, 1]
+    # layers narrower than B's largest class (METHOD 6.5 pads Lambda to n_max = max_k |B_k|)
+    n_max = b_per_class
+    assert cases["narrow_t_gt_d"]["D"] < cases["narrow_t_gt_d"]["T"] <= n_max["narrow_t_gt_d"]
+    assert cases["narrow_t_gt_d"]["I"] == 0.0 and cases["narrow_t_gt_d"]["Q"] == cases["narrow_t_gt_d"]["S"]
+    assert cases["narrow_t_le_d"]["T"] <= cases["narrow_t_le_d"]["D"] < n_max["narrow_t_le_d"]
+    assert cases["narrow_t_le_d"]["I"] > 0.0
+    assert cases["d_nmax_minus_1"]["D"] == n_max["d_nmax_minus_1"] - 1 and cases["d_nmax_minus_1"]["I"] == 0.0
+    assert cases["d_eq_nmax"]["D"] == n_max["d_eq_nmax"] and cases["d_eq_nmax"]["zero_classes"] == []
+    assert sorted(set(np.bincount(GEN.case_inputs("unequal_b")[3]))) == [10, 20, 30]
+    assert cases["unequal_b"]["zero_classes"] == [0]
     assert GEN.case_inputs("conv4d")[0].ndim == 4 and GEN.case_inputs("tokens3d")[0].ndim == 3
 
 
@@ -303,3 +313,23 @@ def test_select_layers_never_picks_nan_and_checks_k():
         select_layers(scores, 1, exclude_nan=False)
     with pytest.raises(ConfigError):
         select_layers({1: 1.0}, 0)
+
+
+@pytest.mark.parametrize("dim, zero_information", [(64, True), (400, True), (600, False)])
+def test_layer_quality_on_layers_narrower_than_subset_b_classes(dim, zero_information):
+    # A user's call on 10 classes x 500 post-ReLU samples: the pool is exactly 5 000 balanced
+    # samples, so A = B = the pool and n_max = 500. With D < 500 every class spectrum is shorter
+    # than n_max, the summed k95 exceed D, the truncated rows reach the zero padding and the
+    # reference's H_k = 0 (METHOD 6.5, quirk 12.6) gives I = 0 and Q = S; with D = 600 > n_max
+    # there is no padding and I > 0.
+    g = torch.Generator().manual_seed(dim)
+    labels = torch.arange(10).repeat_interleave(500)
+    means = torch.randn(10, dim, generator=g, dtype=torch.float64)
+    features = (means[labels] + torch.randn(5000, dim, generator=g, dtype=torch.float64)).relu()
+    stats = layer_quality(features, labels, 50_000)
+    assert stats["D"] == dim
+    if zero_information:
+        assert stats["T"] > dim
+        assert stats["I"] == 0.0 and stats["Q"] == stats["S"]
+    else:
+        assert stats["I"] > 0.0 and stats["Q"] > stats["S"]

@@ -6,7 +6,7 @@ import torch
 
 from common.quality import layer_stats
 from common.quality_stream import flat_dim, plan_subset_a, plan_subset_b, stream_layer_stats
-from tests.test_quality import GEN, STAT_KEYS
+from tests.test_quality import GEN, GOLDEN, STAT_KEYS
 
 
 class PoolSource:
@@ -45,6 +45,9 @@ def test_streaming_equals_layer_stats_on_every_golden_case(name, budget):
         device=torch.device("cpu"), budget_bytes=budget, batch_size=5,
     )
     _assert_same(stats[7], layer_stats(xa, ya, xb, yb, n_train))
+    # and the independent re-derivation itself: both paths could share a regression (they did,
+    # when Lambda was padded to the longest spectrum instead of n_max = max_k |B_k|)
+    _assert_same(stats[7], GOLDEN[name]["expected"])
     assert source.largest <= 5
 
 

@@ -37,6 +37,21 @@ CASES: dict[str, dict] = {
     "conv4d": dict(seed=5, classes=3, a=7, b=9, shape=[3, 4, 4], std="flat", relu=True, n_train=60000),
     # token-like 3-D features, subset B = subset A
     "tokens3d": dict(seed=6, classes=3, a=8, b=8, shape=[5, 7], std="flat", shared=True, n_train=60000),
+    # Layers narrower than subset B's classes (D < n_max = max_k |B_k|, METHOD 6.5): Lambda has
+    # n_max columns, zero past min(n_k, D), so a truncation T > D reaches the padding.
+    # D < n_max and T > D: every class's truncated row holds padding zeros, H_k = 0, I = 0, Q = S
+    "narrow_t_gt_d": dict(seed=8, classes=4, a=6, b=30, shape=[8], std="flat", relu=True, n_train=50000),
+    # T <= D < n_max: a few strong directions keep T inside the spectrum, I > 0
+    "narrow_t_le_d": dict(seed=9, classes=2, a=8, b=40, shape=[16], std="steep", n_train=50000),
+    # D = n_max - 1: one padding column per class; T = n_max reaches it
+    "d_nmax_minus_1": dict(seed=10, classes=3, a=6, b=12, shape=[11], std="flat", n_train=50000),
+    # D = n_max: no padding (the last, centred-away eigenvalue is a rounding-size non-zero)
+    "d_eq_nmax": dict(seed=11, classes=3, a=6, b=12, shape=[12], std="flat", n_train=50000),
+    # unequal class sizes in B, D between them and 10 < T < D: only class 0 (n_0 = 10) reaches its
+    # padding (H_0 = 0); classes 1 and 2 (spectrum length D = 18) keep their entropy; n_max = 30
+    "unequal_b": dict(
+        seed=12, classes=3, a=5, b=[10, 20, 30], shape=[18], std=[6, 5, 4, 3.5, 3, 2.5] + [0.2] * 12, n_train=50000
+    ),
     # large common offset and a near-duplicate pair across classes: the distance trick cancels
     "offset_twin": dict(
         seed=7, classes=3, a=6, b=6, shape=[20], std="flat", offset=1000.0, twin=True, n_train=60000
