@@ -58,6 +58,14 @@ def check_with_data(cfg: Config, data: Data) -> None:
     profile.validate(cfg, n_teacher)
     data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed)
     data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
+    per_class_a = cfg.profile.subset_size // data.num_classes
+    if per_class_a < 2:
+        # METHOD 6.4's intra-class statistics compare two samples of a class; with one, the
+        # minimum intra-class similarity is the sample against itself (1) and S is meaningless.
+        raise ConfigError(
+            f"profile.subset_size={cfg.profile.subset_size} gives {per_class_a} image(s) per class to subset A for "
+            f"{data.num_classes} classes; set profile.subset_size >= {2 * data.num_classes} (two per class)"
+        )
     q_subsets(cfg, data)
     if cfg.teacher.pretrained is not None and not (artifacts.teacher_dir(cfg, data) / "done").exists():
         build_teacher(cfg, data, pretrained=True)  # reads the checkpoint now, not after the teacher directory exists

@@ -5,7 +5,7 @@ suggestion), so a typo never silently falls back to a default. The resolved conf
 run is written next to its artifacts. The `method:` section is derived from MethodSpec
 (common/method_spec.py), the one declaration of a method's hyperparameters.
 
-One module, although a little over 400 lines: a new config key is a field and its range check,
+One module, although some 450 lines: a new config key is a field and its range check,
 both beside the loader that applies them; split, adding one key would touch three files.
 """
 from __future__ import annotations
@@ -116,6 +116,15 @@ MethodConfig = dataclasses.make_dataclass(
     + [(f.name, _override_type(_SPEC_TYPES[f.name]), field(default=None)) for f in override_fields()],
     namespace={"__doc__": _METHOD_CONFIG_DOC, "__module__": __name__},  # pickles as common.config.MethodConfig
 )
+
+
+# The method's layer lists are checked where their words and the layer counts are known:
+# common.methods.base.validate_spec refuses an empty method.teacher_layers / student_layers for a
+# method with a feature loss ("use the profile's selection" is the word `selected`, not []; for a
+# method without one, [] is its preset's value and means nothing to distil), and
+# common.distill.check_layer_lists a layer named twice. Their order is kept on purpose: one2one
+# pairs the i-th teacher layer with the i-th student layer, so a descending list is the
+# reversed map (the study's reversed_q arm), not a slip.
 
 
 @dataclass
@@ -320,9 +329,14 @@ def validate_config(cfg: Config) -> None:
     for where, train in (("teacher_train", cfg.teacher_train), ("train", cfg.train)):
         _check_train(where, train)
     _check_profile(cfg.profile)
+    # seeds: one student run per entry. Empty would train nothing after building the teacher; a
+    # repeat would name the same run directory twice (and count it twice in a mean). Order is
+    # free: runs are independent and reports sort by seed.
     _require(len(cfg.seeds) > 0, "seeds is empty; give at least one integer seed, e.g. seeds=[0] or --seeds 0")
     repeated = sorted({s for s in cfg.seeds if cfg.seeds.count(s) > 1})
     _require(not repeated, f"seeds {cfg.seeds} lists seed {repeated[0] if repeated else ''} twice; list each seed once")
+    for seed in cfg.seeds:
+        _require(0 <= seed <= SEED_MAX, f"seeds {cfg.seeds} lists seed {seed}; give integers between 0 and {SEED_MAX}, e.g. seeds=[0,1,2]")
     _require(cfg.artifacts.strip() != "", "artifacts is empty; give the directory artifacts go to, e.g. artifacts=artifacts")
 
 
@@ -347,11 +361,25 @@ def _finite(where: str, value: float, low: float, *, strict: bool, high: float |
         raise ConfigError(f"{where}={value} is not allowed; set it to a number {bound}{hint}")
 
 
+# Seeds of every key stay in 0..2**32 - 1: there each generator sees a distinct seed. NumPy's
+# legacy seed takes 32 bits (runtime.seed_everything passes seed % 2**32, so 2**32 would replay
+# seed 0's NumPy stream), torch takes a 64-bit one (-1 is 2**64 - 1 there), and the training loop
+# seeds its batch order with seed * 1_000_003 + epoch, which overflows torch's range for seeds
+# above ~1.8e13, after the teacher has been trained. A negative seed is also what other tools
+# write for "random", which this tool would take as a fixed seed without a word.
+SEED_MAX = 2**32 - 1
+
+
+def _seed(where: str, value: int) -> None:
+    _require(0 <= value <= SEED_MAX, f"{where}={value} is not allowed; set it to an integer between 0 and {SEED_MAX}, e.g. 0")
+
+
 def _check_dataset(d: DatasetConfig) -> None:
     _require(d.name.strip() != "", "dataset.name is empty; give a dataset, e.g. dataset.name=fashion_mnist")
     _require(d.root is None or d.root.strip() != "", "dataset.root is an empty string; give the dataset's directory or leave it unset for the default")
     _positive_int("dataset.image_size", d.image_size, " (pixels; empty keeps the native size)", optional=True)
     _require(d.val_size >= 0, f"dataset.val_size={d.val_size} is not allowed; set it to 0 (no validation split) or a number of images")
+    _seed("dataset.split_seed", d.split_seed)
 
 
 def _check_model(where: str, m: ModelConfig) -> None:
@@ -371,13 +399,30 @@ def _check_train(where: str, t: TrainConfig) -> None:
     _require(t.optimizer in OPTIMIZERS, f"{where}.optimizer is '{t.optimizer}'; use one of {', '.join(OPTIMIZERS)}")
     _require(t.schedule in SCHEDULES, f"{where}.schedule is '{t.schedule}'; use one of {', '.join(SCHEDULES)}")
     _finite(f"{where}.momentum", t.momentum, 0.0, strict=False, high=1.0, hint=", e.g. 0.9")
-    _finite(f"{where}.gamma", t.gamma, 0.0, strict=True, hint=", e.g. 0.1 (the LR factor at each milestone)")
+    # gamma multiplies the LR at each milestone: above 1 the "drop" raises it (10 for 0.1 is the
+    # likely slip); 1 keeps it constant, which is allowed.
+    _require(
+        math.isfinite(t.gamma) and 0 < t.gamma <= 1,
+        f"{where}.gamma={t.gamma} is not allowed; set it to a number > 0 and <= 1, e.g. 0.1 (the LR factor at each milestone)",
+    )
+    # milestones: each epoch after which the LR drops, so they must be increasing (a repeat would
+    # apply gamma twice at once, MultiStepLR's counting; an unsorted list reads as a typo) and
+    # >= 1. Checked under onecycle too, where they are unused, so a bad list is not carried into a
+    # later multistep run. Empty is refused only under multistep: a multistep schedule without a
+    # milestone is a constant LR nobody asks for by that name. Milestones at or past the last
+    # epoch are allowed: a shortened run of the 240-epoch recipe (train.epochs=5 on a *_240e
+    # config, as a quick try) keeps its schedule and has not reached a drop yet.
     _require(
         all(m >= 1 for m in t.milestones) and t.milestones == sorted(set(t.milestones)),
-        f"{where}.milestones={t.milestones} is not allowed; give increasing epochs >= 1, e.g. [150,180,210]",
+        f"{where}.milestones={t.milestones} is not allowed; give increasing epochs >= 1, each listed once, e.g. [150,180,210]",
+    )
+    _require(
+        not (t.schedule == "multistep" and not t.milestones),
+        f"{where}.milestones=[] with {where}.schedule=multistep never drops the LR; give the epochs after which it drops, e.g. [150,180,210]",
     )
     _finite(f"{where}.backbone_lr_mult", t.backbone_lr_mult, 0.0, strict=False)
     _positive_int(f"{where}.train_subset", t.train_subset, " (a number of training images)", optional=True)
+    _seed(f"{where}.seed", t.seed)
     _require(t.device.strip() != "", f"{where}.device is empty; use auto, cpu, cuda or cuda:N")
     _require(t.teacher_source in TEACHER_SOURCES, f"{where}.teacher_source is '{t.teacher_source}'; use one of {', '.join(TEACHER_SOURCES)}")
     _require(
@@ -388,9 +433,25 @@ def _check_train(where: str, t: TrainConfig) -> None:
 
 def _check_profile(p: ProfileConfig) -> None:
     _positive_int("profile.k", p.k, " (the number of teacher layers to select)")
+    # profile.layers: None means "the top-k by profile.criterion". An empty list would do the same
+    # while hashing to a profile directory of its own, and most likely stands for a list the
+    # user meant to fill in, so it is refused. Order is free (the selection is stored sorted);
+    # a layer named twice, also as i and i - n, is refused by common.profile.validate, which
+    # knows the teacher's layer count.
+    _require(
+        p.layers is None or len(p.layers) > 0,
+        "profile.layers=[] is not allowed; list teacher layers, e.g. profile.layers=[3,7,11], or leave it unset (null) to take the top profile.k by profile.criterion",
+    )
     _positive_int("profile.pool_size", p.pool_size, " (images; empty uses the whole training split)", optional=True)
     _positive_int("profile.subset_size", p.subset_size)
-    _positive_int("profile.per_class_cap", p.per_class_cap)
+    # Subset B's class spectra need two samples of a class (one centred sample has none, so I = 0
+    # and Q = S for every layer, silently). Subset A's per-class minimum is checked with the data
+    # (common.checks), where the class count is known.
+    _require(
+        p.per_class_cap >= 2,
+        f"profile.per_class_cap={p.per_class_cap} is not allowed; set it to an integer >= 2 (subset B's images per class, default 500)",
+    )
+    _seed("profile.seed", p.seed)
     _positive_int("profile.batch_size", p.batch_size)
     _positive_int("profile.memory_budget_mb", p.memory_budget_mb, " (MiB that S/I/E/Q may hold, default 1536)")
     _require(p.cache_dtype in CACHE_DTYPES, f"profile.cache_dtype is '{p.cache_dtype}'; use float16 or float32")

@@ -126,6 +126,25 @@ def test_flag_values_are_strings():
         ("profile.cache_dtype=bf16", ["profile.cache_dtype"]),
         ("seeds=[]", ["seeds is empty"]),
         ("seeds=[1,1]", ["seed 1 twice"]),
+        ("seeds=[0,-1]", ["seeds [0, -1] lists seed -1", "between 0 and 4294967295"]),
+        ("seeds=[4294967296]", ["seed 4294967296"]),
+        ("train.seed=-1", ["train.seed=-1"]),
+        ("teacher_train.seed=4294967296", ["teacher_train.seed=4294967296"]),
+        ("profile.seed=-1", ["profile.seed=-1"]),
+        ("dataset.split_seed=-1", ["dataset.split_seed=-1"]),
+        ("profile.layers=[]", ["profile.layers=[]", "leave it unset (null)"]),
+        ("profile.per_class_cap=1", ["profile.per_class_cap=1", ">= 2"]),
+        ("train.milestones=[180,150]", ["train.milestones=[180, 150]", "increasing"]),
+        ("train.milestones=[150,150]", ["train.milestones=[150, 150]", "once"]),
+        ("train.milestones=[0,150]", ["train.milestones=[0, 150]", ">= 1"]),
+        ("train.gamma=10", ["train.gamma=10.0", "<= 1"]),
+        ("train.gamma=0", ["train.gamma=0.0", "> 0"]),
+        ("train.gamma=.nan", ["train.gamma=nan"]),
+        ("train.momentum=1", ["train.momentum=1.0"]),
+        ("train.momentum=-0.1", ["train.momentum=-0.1"]),
+        ("train.lr=.nan", ["train.lr=nan"]),
+        ("train.weight_decay=.inf", ["train.weight_decay=inf"]),
+        ("teacher.width=.nan", ["teacher.width=nan"]),
         ("artifacts=''", ["artifacts is empty"]),
     ],
 )
@@ -135,6 +154,29 @@ def test_out_of_range_values_are_refused_on_loading(override, words):
     for word in words:
         assert word in str(err.value)
     assert ";" in str(err.value)  # what is wrong; how to fix it
+
+
+def test_empty_milestones_are_refused_only_where_they_are_used():
+    """Under onecycle the milestones are unused, so [] is harmless; under multistep it would
+    never drop the LR."""
+    assert load_config(None, ["train.milestones=[]"]).train.milestones == []
+    with pytest.raises(ConfigError, match=r"train\.milestones=\[\] with train\.schedule=multistep"):
+        load_config(None, ["train.schedule=multistep", "train.milestones=[]"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["profile.layers=[11,3,7]"],  # order is free: the selection is stored sorted
+        ["profile.layers=[-1]"],  # negative counts from the end (METHOD 4.1 rule 6)
+        ["train.schedule=multistep", "train.epochs=5"],  # milestones past the last epoch: a shortened 240-epoch recipe
+        ["train.gamma=1"],  # a constant LR through the milestones
+        ["seeds=[2,0,1]", "train.seed=4294967295", "profile.seed=0", "dataset.split_seed=4294967295"],
+        ["profile.per_class_cap=2"],
+    ],
+)
+def test_edge_values_that_stay_allowed(overrides):
+    load_config(None, overrides)
 
 
 def test_optional_values_may_stay_empty():

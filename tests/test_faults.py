@@ -137,11 +137,34 @@ CASES = [
     ("bad-cache-dtype", "s1", ["profile.cache_dtype=int8"], ["profile.cache_dtype", "float16"]),
     ("augment-with-cache", "s2", ["train.augment=true", "train.teacher_source=cache"], ["train.teacher_source=live"]),
     ("bad-method-value", "s2", ["method.kd_temperature=0"], ["kd_temperature"]),
+    ("negative-kd-weight", "s2", ["--method", "kd", "method.kd_weight=-1"], ["method.kd_weight", ">= 0"]),
+    ("infinite-feature-weight", "s2", ["method.feature_weight=.inf"], ["method.feature_weight", "finite"]),
+    ("nan-lr", "s1", ["teacher_train.lr=.nan"], ["teacher_train.lr=nan", "> 0"]),
+    ("momentum-1", "s2", ["train.momentum=1"], ["train.momentum=1.0", "between 0 and 1"]),
+    ("gamma-above-1", "s2", ["train.schedule=multistep", "train.gamma=10"], ["train.gamma=10.0", "<= 1"]),
+    ("zero-eval-batch", "s2", ["train.eval_batch_size=0"], ["train.eval_batch_size=0"]),
+    ("zero-image-size", "s1", ["dataset.image_size=0"], ["dataset.image_size=0"]),
+    ("zero-pool-size", "s1", ["profile.pool_size=0"], ["profile.pool_size=0"]),
+    ("zero-memory-budget", "s1", ["profile.memory_budget_mb=0"], ["profile.memory_budget_mb=0"]),
+    ("per-class-cap-1", "s1", ["profile.per_class_cap=1"], ["profile.per_class_cap=1", ">= 2"]),
+    ("subset-a-one-per-class", "s1", ["profile.subset_size=19"], ["profile.subset_size=19", "1 image(s) per class", ">= 20"]),
+    ("negative-split-seed", "s1", ["dataset.split_seed=-1"], ["dataset.split_seed=-1", "between 0 and 4294967295"]),
+    ("negative-profile-seed", "s1", ["profile.seed=-1"], ["profile.seed=-1"]),
+    ("seed-above-32-bits", "s2", ["train.seed=4294967296"], ["train.seed=4294967296"]),
+    # lists: empty, out of order, repeated
+    ("milestones-unsorted", "s2", ["train.milestones=[180,150]"], ["train.milestones=[180, 150]", "increasing"]),
+    ("milestones-repeated", "s1", ["teacher_train.milestones=[150,150]"], ["teacher_train.milestones=[150, 150]", "once"]),
+    ("milestones-empty-multistep", "s2", ["train.schedule=multistep", "train.milestones=[]"], ["train.milestones=[]", "multistep"]),
     # layers
     ("k-zero", "s1", ["profile.k=0"], ["profile.k=0"]),
     ("k-above-layer-count", "s1", ["profile.k=11"], ["profile.k=11", "10 generalized layers"]),
     ("profile-layer-out-of-range", "s1", ["profile.layers=[1,2,3,99]"], ["99 is out of range"]),
     ("profile-layer-twice", "s2", ["profile.layers=[1,2,2,3]"], ["profile.layers", "twice"]),
+    ("profile-layer-twice-as-negative", "s1", ["profile.layers=[1,2,-1,9]"], ["profile.layers", "twice"]),
+    ("profile-layers-empty", "s1", ["profile.layers=[]"], ["profile.layers=[]", "null"]),
+    ("profile-layers-empty-in-stage2", "s2", ["profile.layers=[]"], ["profile.layers=[]"]),
+    ("teacher-layers-empty", "s2", ["method.teacher_layers=[]"], ["method.teacher_layers", "non-empty list"]),
+    ("student-layers-empty", "s2", ["method.student_layers=[]"], ["method.student_layers", "non-empty list"]),
     ("teacher-layer-out-of-range", "s2", ["method.teacher_layers=[3,7,8,99]"], ["teacher layer 99 is out of range"]),
     ("teacher-layer-twice", "s2", ["method.teacher_layers=[2,4,4,6]"], ["method.teacher_layers", "twice"]),
     ("student-layer-twice", "s2", ["method.student_layers=[1,2,3,3]"], ["method.student_layers", "twice"]),
@@ -158,6 +181,8 @@ CASES = [
     ("seeds-not-integers", "s2", ["--seeds", "0 x"], ["'seeds' must be a list of integers, got '0 x'", '--seeds "0 1 2"']),
     ("seed-fraction", "s2", ["seeds=[0.5]"], ["seeds[0]", "integer"]),
     ("seeds-empty", "s2", ["seeds=[]"], ["seeds is empty"]),
+    ("seeds-repeated", "s2", ["--seeds", "0 1 0"], ["seed 0 twice"]),
+    ("seed-negative", "s2", ["seeds=[0,-1]"], ["seeds [0, -1] lists seed -1", "between 0 and 4294967295"]),
     ("artifacts-is-a-file", "s1", ["artifacts={bad}/afile"], ["afile is a file"]),
     ("artifacts-below-a-file", "s2", ["artifacts={bad}/afile/sub"], ["afile is a file"]),
     ("artifacts-read-only", "s2", ["artifacts={bad}/readonly"], ["readonly is not writable"]),
@@ -190,3 +215,25 @@ def test_bad_input_is_one_error_line_and_changes_nothing(tree: Path, stage: str,
 
 def test_table_is_large_enough():
     assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
+
+
+# Bad inputs on a fresh artifacts directory, where a valid command would train the teacher first:
+# the check must come before it, so the directory is not even created. profile.layers=[] once
+# passed validation here, trained a teacher and left its directory behind (issue 17).
+FRESH_CASES = [
+    ("profile-layers-empty", "s1", ["profile.layers=[]"], "profile.layers=[]"),
+    ("profile-layers-empty-in-stage2", "s2", ["profile.layers=[]"], "profile.layers=[]"),
+    ("milestones-empty-multistep", "s1", ["teacher_train.schedule=multistep", "teacher_train.milestones=[]"], "teacher_train.milestones=[]"),
+    ("subset-a-one-per-class", "s1", ["profile.subset_size=19"], "profile.subset_size=19"),  # checked with the data
+]
+
+
+@pytest.mark.parametrize("stage, args, word", [c[1:] for c in FRESH_CASES], ids=[c[0] for c in FRESH_CASES])
+def test_bad_input_on_a_fresh_tree_writes_nothing(tree: Path, tmp_path: Path, stage: str, args: list[str], word: str):
+    fresh = tmp_path / "artifacts"
+    overrides = [o for o in tiny_overrides(tree) if not o.startswith("artifacts=")]
+    out, _ = run_stage(stage, ["--quiet", *overrides, f"artifacts={fresh}", *args])
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and word in errors[0], out.stderr
+    assert not re.search(r"^(teacher |distill |profile:)", out.stderr, re.M), out.stderr
+    assert not fresh.exists() and list(tmp_path.iterdir()) == [], sorted(p.name for p in tmp_path.rglob("*"))
