@@ -10,6 +10,11 @@ Besides these paper models, `tv:<name>` and `timm:<name>` name any torchvision o
 classifier (`common.models.external`); their specs are made on first use and are not listed by
 `MODELS.names()`. Their width is fixed (1.0), and they are not sequential: they carry a
 `common.layers.LayerChain` instead.
+
+`cifar:<name>` names the CIFAR-100 KD benchmark zoo (`common.models.cifar`: RepDistiller's 22
+models, e.g. cifar:resnet32x4, with the public checkpoints' state-dict layout); also made on first
+use, width fixed at 1.0, 3-channel inputs, any image size (adaptive pooling), and
+`teacher.pretrained` reads the published `{"model": state_dict, ...}` files.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from typing import Callable
 from torch import nn
 
 from common.errors import ConfigError
-from common.models import external
+from common.models import cifar, external
+from common.models.cifar.checkpoint import load_zoo_checkpoint
 from common.models.mobilenetv2 import mobilenetv2
 from common.models.pretrained import load_resnet, load_vgg, load_vit
 from common.models.resnet import resnet9, resnet18, resnet34
@@ -55,11 +61,14 @@ class ModelRegistry(Registry[ModelSpec]):
     def get(self, name: str) -> ModelSpec:
         if external.split_name(name) is not None:
             return _external_spec(name)
+        if cifar.split_name(name) is not None:
+            return _cifar_spec(cifar.PREFIX + cifar.arch_of(name))
         try:
             return super().get(name)
         except UnknownNameError as exc:
             raise UnknownNameError(
-                f"{exc}; or any torchvision / timm classifier as tv:<name> / timm:<name>, e.g. tv:resnet18"
+                f"{exc}; or any torchvision / timm classifier as tv:<name> / timm:<name>, e.g. tv:resnet18; "
+                f"or a CIFAR KD benchmark model as cifar:<name>, e.g. cifar:resnet32x4"
             ) from None
 
 
@@ -77,6 +86,23 @@ def _external_spec(name: str) -> ModelSpec:
         EXTERNAL_LR,
         functools.partial(external.load_checkpoint, name=name),
         library=external.LIBRARIES[name.partition(":")[0]],
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _cifar_spec(name: str) -> ModelSpec:
+    """A CIFAR KD zoo model: its baseline list (last block of each stage, METHOD 4.2), family
+    "cnn", LRs `EXTERNAL_LR` (the benchmark's SGD recipe is a config of its own), and the
+    published checkpoints as `load_pretrained` (strict: same architecture, same classes)."""
+    arch = cifar.arch_of(name)
+    return ModelSpec(
+        name,
+        functools.partial(cifar.build, name),
+        cifar.BASELINE_LAYERS[arch],
+        "cnn",
+        EXTERNAL_LR,
+        EXTERNAL_LR,
+        functools.partial(load_zoo_checkpoint, name=name),
     )
 
 

@@ -94,3 +94,10 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet8x4": _builder(8, X4_FILTERS),
     "resnet32x4": _builder(32, X4_FILTERS),
 }
+DEPTHS = {name: int(name[len("resnet"):].removesuffix("x4")) for name in BUILDERS}
+
+# METHOD 4.2's CNN rule: the last block of each stage, the reference's is_feat f1..f3
+# (generalized layer 0 is the stem ReLU, then n blocks per stage).
+BASELINE_LAYERS: dict[str, tuple[int, ...]] = {
+    name: tuple(s * (depth - 2) // 6 for s in (1, 2, 3)) for name, depth in DEPTHS.items()
+}

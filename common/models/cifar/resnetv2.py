@@ -75,3 +75,7 @@ def resnet50(num_classes: int) -> ResNetV2:
 
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {"ResNet50": resnet50}
+
+# METHOD 4.2's CNN rule: the last Bottleneck of each stage, the reference's is_feat f1..f4
+# (generalized layer 0 is the stem ReLU; stages of 3, 4, 6, 3 blocks).
+BASELINE_LAYERS: dict[str, tuple[int, ...]] = {"ResNet50": (3, 7, 13, 16)}

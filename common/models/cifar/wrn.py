@@ -109,3 +109,9 @@ def _builder(depth: int, widen_factor: int) -> Callable[..., nn.Module]:
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     f"wrn_{d}_{k}": _builder(d, k) for d, k in ((16, 1), (16, 2), (40, 1), (40, 2))
 }
+
+# METHOD 4.2's CNN rule: the last block of each stage, the reference's is_feat f1..f3
+# (generalized layer 0 is the stem conv, then n = (depth - 4) / 6 blocks per stage).
+BASELINE_LAYERS: dict[str, tuple[int, ...]] = {
+    f"wrn_{d}_{k}": tuple(s * (d - 4) // 6 for s in (1, 2, 3)) for d, k in ((16, 1), (16, 2), (40, 1), (40, 2))
+}
