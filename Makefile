@@ -21,15 +21,18 @@ COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
-.PHONY: setup test demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality clean-demo help
+.PHONY: setup setup-test test demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality help
 
 help:
-	@sed -n '1,5p' Makefile; echo; echo "targets: setup test demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality"
+	@sed -n '1,5p' Makefile; echo; echo "targets: setup setup-test test demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality"
 
 setup:
 	@bash .ci/setup.sh
 
-test: setup
+setup-test:
+	@bash .ci/setup.sh --test
+
+test: setup-test
 	$(PY) -m pytest -q tests
 
 teacher: setup

@@ -30,7 +30,8 @@ def body() -> int:
     if args.list_methods:
         from common.methods import METHODS
 
-        print("\n".join(METHODS.names()))
+        width = max(map(len, METHODS.names()))
+        print("\n".join(f"{name:<{width}}  {METHODS.get(name).summary}" for name in METHODS.names()))
         return 0
     cfg = cli.build_config(args, {"student": "student.name", "method": "method.name"})  # --seeds too
 

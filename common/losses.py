@@ -177,13 +177,35 @@ def normalized_gram(features: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
         return flat @ flat.T
 
 
-def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """Similarity preserving: mean over all B x B entries of (G_s - G_t)^2, G = `normalized_gram`.
+def similarity_preserving_ref_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """The reference's similarity loss (preset `sp_ref`, the paper's "Sim. Pres." bars): mean over
+    all B x B entries of (G_s - G_t)^2, G = `normalized_gram` (cosine matrix).
 
-    The whole matrix, as in the published method (METHOD section 0 item 7, 12.13; the reference
-    compared only row 0). Features of any shape; the two layers may differ in size.
+    The whole matrix (METHOD section 0 item 7, 12.13; the reference compared only row 0, a slip
+    kept fixed). Not Tung & Mori's loss: see `similarity_preserving_loss`.
     """
     return (normalized_gram(student, eps) - normalized_gram(teacher, eps)).pow(2).mean()
+
+
+def row_normalized_gram(features: torch.Tensor) -> torch.Tensor:
+    """Tung & Mori (ICCV 2019) eq. 1-3: G = Q Q^T of the flattened batch Q (B, C*H*W), then each
+    row G[i, :] divided by its L2 norm (F.normalize, eps 1e-12, so an all-zero row stays 0).
+
+    The Gram product runs in float32 at least, outside autocast: with bfloat16 the entries of a
+    row differ in the third digit, which is all the loss sees.
+    """
+    flat = _flat(features)
+    with _no_autocast(flat):
+        return F.normalize(flat @ flat.T, p=2, dim=1)
+
+
+def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Published similarity-preserving loss (Tung & Mori, ICCV 2019, eq. 4, one layer pair):
+    ||G~_t - G~_s||_F^2 / b^2 with G~ = `row_normalized_gram`. Preset `sp` sums it over the pairs
+    as eq. 4 does; the two layers may differ in size (only the B x B matrices meet).
+    """
+    b = student.shape[0]
+    return (row_normalized_gram(student) - row_normalized_gram(teacher)).pow(2).sum() / (b * b)
 
 
 def semckd_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ class MethodSpec:
     kd_weight: float  # vanilla KD weight (16 for T = 4); 0 = off
     kd_temperature: float
     kd_standardize: bool  # logit standardisation (METHOD 8.4)
-    feature_loss: str = _preset_only()  # none | mse | sp | semckd
+    feature_loss: str = _preset_only()  # none | mse | sp | sp_ref | semckd
     feature_weight: float
     teacher_layers: str | tuple[int, ...]  # a word of methods.base.TEACHER_LAYER_WORDS | explicit; () without a feature loss
     student_layers: str | tuple[int, ...]  # a word of methods.base.STUDENT_LAYER_WORDS | explicit; () without a feature loss

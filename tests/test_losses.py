@@ -60,11 +60,18 @@ def test_fkd_loss_golden_full_per_sample():
     close(value, GOLDEN["fkd_full"]["expected"])
 
 
-def test_similarity_preserving_golden():
+def test_similarity_preserving_ref_golden():
     inputs, expected = GOLDEN["similarity_preserving"]["inputs"], GOLDEN["similarity_preserving"]["expected"]
     student, teacher = t(inputs["student"]), t(inputs["teacher"])
     close(L.normalized_gram(student), expected["gram_student"])
-    close(L.similarity_preserving_loss(student, teacher), expected["loss"])
+    close(L.similarity_preserving_ref_loss(student, teacher), expected["loss"])
+
+
+def test_similarity_preserving_published_golden():
+    case = GOLDEN["similarity_preserving_published"]
+    student, teacher = t(case["inputs"]["student"]), t(case["inputs"]["teacher"])
+    close(L.row_normalized_gram(student), case["expected"]["gram_student"])
+    close(L.similarity_preserving_loss(student, teacher), case["expected"]["loss"])
 
 
 def test_batch_gram_golden():
@@ -134,13 +141,35 @@ def test_similarity_preserving_uses_the_whole_matrix():
     student = torch.eye(4, dtype=torch.float64)
     teacher = torch.eye(4, dtype=torch.float64)
     teacher[2, 3] = teacher[3, 2] = 1.0
-    assert L.similarity_preserving_loss(student, teacher) > 0
+    assert L.similarity_preserving_ref_loss(student, teacher) > 0
     torch.testing.assert_close(L.normalized_gram(student)[0], L.normalized_gram(teacher)[0])
 
 
 def test_similarity_preserving_is_scale_invariant_and_zero_for_same_relations():
     f = torch.randn(6, 5, dtype=torch.float64)
-    assert L.similarity_preserving_loss(f, 10.0 * f) < 1e-6  # eps 1e-4 breaks exact invariance
+    assert L.similarity_preserving_ref_loss(f, 10.0 * f) < 1e-6  # eps 1e-4 breaks exact invariance
+    assert L.similarity_preserving_loss(f, 10.0 * f) < 1e-20  # the row normalisation is exact
+
+
+def test_published_and_reference_sp_differ_in_kind():
+    # Published: rows of F F^T over their L2 norm, summed squares / b^2. Reference: cosine matrix,
+    # mean of squares. On post-ReLU maps the two disagree by far more than a constant factor.
+    g = torch.Generator().manual_seed(0)
+    f_s = torch.relu(torch.randn(16, 8, 4, 4, generator=g, dtype=torch.float64))
+    f_t = torch.relu(torch.randn(16, 32, 2, 2, generator=g, dtype=torch.float64))
+    gram = L.row_normalized_gram(f_s)
+    torch.testing.assert_close(gram.norm(dim=1), torch.ones(16, dtype=torch.float64))
+    assert not torch.allclose(gram, L.normalized_gram(f_s))
+    published, ref = L.similarity_preserving_loss(f_s, f_t), L.similarity_preserving_ref_loss(f_s, f_t)
+    assert published > 0 and ref > 0 and not torch.isclose(published, ref)
+
+
+def test_published_sp_gram_stays_full_precision_under_autocast():
+    f = torch.relu(torch.randn(6, 40))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        gram = L.row_normalized_gram(f)
+    assert gram.dtype == torch.float32
+    torch.testing.assert_close(gram, torch.nn.functional.normalize(f @ f.T, dim=1))
 
 
 def test_semckd_attention_rows_sum_to_one():
@@ -155,3 +184,23 @@ def test_relation_matrices_stay_full_precision_under_autocast():
         gram, cosine = L.batch_gram(f), L.normalized_gram(f)
     assert gram.dtype == cosine.dtype == torch.float32
     torch.testing.assert_close(gram, f @ f.T)
+
+
+def test_published_sp_agrees_with_torchdistill_up_to_its_row_norm(monkeypatch):
+    # torchdistill's SPKDLoss (a peer implementation, installed for the tests by
+    # requirements-test.txt) flattens, takes F F^T, normalises rows, sums the squared differences
+    # and divides by b^2, as Tung & Mori. Its rows are normalised with `normalize(G, 1)`, whose
+    # second argument is p: an L1 norm, where the paper (and RepDistiller's default
+    # `F.normalize(G)`) uses L2. With L2 patched in, the two must agree to rounding; as shipped,
+    # they differ, and this tool follows the paper.
+    import torchdistill.losses.mid_level as peer_module
+
+    g = torch.Generator().manual_seed(3)
+    f_s = torch.relu(torch.randn(12, 8, 4, 4, generator=g, dtype=torch.float64))
+    f_t = torch.relu(torch.randn(12, 16, 2, 2, generator=g, dtype=torch.float64))
+    peer = peer_module.SPKDLoss(student_output_path="s", teacher_output_path="t", reduction="batchmean")
+    io_s, io_t = {"s": {"output": f_s}}, {"t": {"output": f_t}}
+    ours = L.similarity_preserving_loss(f_s, f_t)
+    assert not torch.isclose(ours, peer(io_s, io_t), rtol=1e-3)
+    monkeypatch.setattr(peer_module, "normalize", lambda x, _p: torch.nn.functional.normalize(x, p=2, dim=1))
+    torch.testing.assert_close(ours, peer(io_s, io_t), rtol=1e-12, atol=0)

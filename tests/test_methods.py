@@ -137,7 +137,11 @@ def test_preset_table():
     assert spec["fitnet_fc"].mapping == "full" and spec["sp"].projector == "none"
     assert spec["simkd"].teacher_head and spec["simkd"].projector == "three_layer"
     assert spec["semckd"].mapping == "full" and spec["semckd"].projector == "three_layer"
-    for name in ("fitnet", "fitnet_nokd", "fitnet_fc", "sp", "simkd", "semckd", "stl_seplin"):
+    # sp as published (Tung & Mori: CE + 3000 x SP, no KD); sp_ref as the paper's "Sim. Pres."
+    assert (spec["sp"].feature_loss, spec["sp"].feature_weight, spec["sp"].kd_weight, spec["sp"].ce_weight) == ("sp", 3000.0, 0.0, 1.0)
+    assert (spec["sp_ref"].feature_loss, spec["sp_ref"].feature_weight, spec["sp_ref"].kd_weight) == ("sp_ref", 1.0, 16.0)
+    assert spec["sp_ref"].projector == "none"
+    for name in ("fitnet", "fitnet_nokd", "fitnet_fc", "sp", "sp_ref", "simkd", "semckd", "stl_seplin"):
         assert spec[name].teacher_layers == "baseline" and spec[name].student_layers == "baseline"
 
 
@@ -250,6 +254,20 @@ def test_one2one_loss_is_the_mean_over_pairs_and_full_the_mean_over_all_pairs():
                 for slot, (s, t) in enumerate(pairs)
             ]
         torch.testing.assert_close(losses["feat"].detach(), 2.0 * torch.stack(manual).mean())
+
+
+def test_sp_sums_the_published_loss_over_pairs_and_sp_ref_averages_the_reference_loss():
+    from common.losses import similarity_preserving_loss, similarity_preserving_ref_loss
+
+    for name, loss, reduce in [("sp", similarity_preserving_loss, torch.sum), ("sp_ref", similarity_preserving_ref_loss, torch.mean)]:
+        distiller, _, (images, labels, features, teacher_logits) = setup(name)
+        _, losses = distiller.forward_train(images, labels, features, teacher_logits)
+        student = extract(distiller.student, images, STUDENT_LAYERS)
+        with torch.no_grad():
+            pairs = torch.stack([loss(student[s], features[t]) for s, t in zip(STUDENT_LAYERS, TEACHER_LAYERS)])
+        weight = METHODS.get(name).spec.feature_weight
+        torch.testing.assert_close(losses["feat"].detach(), weight * reduce(pairs))
+        assert ("kd" in losses) == (name == "sp_ref")
 
 
 def test_mixed_pooling_is_a_config_error():
@@ -440,6 +458,7 @@ def test_bad_values_are_config_errors(overrides, match):
         ("ce", {"teacher_layers": [1, 2]}, "no effect"),
         ("kd", {"detach_head": True}, "feature loss"),
         ("sp", {"projector": "conv1x1"}, "projector must be none"),
+        ("sp_ref", {"projector": "conv1x1"}, "projector must be none"),
         ("semckd", {"mapping": "one2one"}, "mapping must be full"),
         ("simkd", {"detach_head": True}, "detach_head"),
         ("ce", {"ce_weight": 0.0}, "every loss weight"),

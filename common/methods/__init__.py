@@ -8,8 +8,11 @@
     logits, losses = distiller.forward_train(images, labels, teacher_features, teacher_logits)
     sum(losses.values()).backward()
 
-Presets (METHODS.names()): ce, kd, kd_std, fitnet, fitnet_nokd, fitnet_fc, sp, simkd, semckd,
-stl_seplin, ours, ours+ce, ours+ce+kd, ours_s, ours_i, ours_e, ours_sqrtie.
+Presets (METHODS.names(); `stage2_distill.py --list-methods` prints each with its summary):
+ce, kd, kd_std, fitnet, fitnet_nokd, fitnet_fc, sp, sp_ref, simkd, semckd, stl_seplin, ours,
+ours+ce, ours+ce+kd, ours_s, ours_i, ours_e, ours_sqrtie. `sp` is the published
+similarity-preserving loss (Tung & Mori 2019, weight 3000, no KD); `sp_ref` is the reference's
+variant that the paper's "Sim. Pres." bars were trained with (cosine matrices, weight 1, + KD).
 One module per family: ce.py, kd.py, feature.py (FitNet family, ours, ablations), sp.py,
 simkd.py, semckd.py; shared pieces in base.py and projectors.py; formulas in common/losses.py;
 the hyperparameters in MethodSpec (common/method_spec.py), from which config.py derives the

@@ -123,7 +123,7 @@ def validate_spec(spec: MethodSpec) -> None:
         _check_layers("teacher_layers", spec.teacher_layers, TEACHER_LAYER_WORDS)
         _check_layers("student_layers", spec.student_layers, STUDENT_LAYER_WORDS)
     rules = [
-        (spec.feature_loss == "sp" and spec.projector != "none", "method.projector must be none for feature loss sp"),
+        (spec.feature_loss in ("sp", "sp_ref") and spec.projector != "none", f"method.projector must be none for feature loss {spec.feature_loss}"),
         (spec.feature_loss == "semckd" and spec.mapping != "full", "method.mapping must be full for feature loss semckd (attention over all pairs)"),
         (spec.teacher_head and spec.feature_loss != "mse", "teacher_head (SimKD) needs feature loss mse"),
         (spec.teacher_head and spec.mapping != "one2one", "method.mapping must be one2one with teacher_head (SimKD)"),
@@ -236,16 +236,17 @@ class Distiller(nn.Module):
 class MethodPreset:
     spec: MethodSpec
     distiller: type[Distiller]
+    summary: str  # one line for `stage2_distill.py --list-methods`: what it is and where its weights come from
 
 
 METHODS: Registry[MethodPreset] = Registry("method")
 
 
-def register_method(distiller: type[Distiller] = Distiller, **fields_: object) -> MethodSpec:
+def register_method(distiller: type[Distiller] = Distiller, *, summary: str, **fields_: object) -> MethodSpec:
     """Register a preset; the spec is validated now so a bad preset fails at import."""
     spec = MethodSpec(**fields_)  # type: ignore[arg-type]
     validate_spec(spec)
-    METHODS.register(spec.name, MethodPreset(spec, distiller))
+    METHODS.register(spec.name, MethodPreset(spec, distiller, summary))
     return spec
 
 
@@ -259,4 +260,6 @@ FEATURE_BASE: dict[str, object] = dict(
     NO_FEATURES, feature_loss="mse", feature_weight=1.0, teacher_layers="baseline",
     student_layers="baseline", projector="conv1x1",
 )
-KD_T4 = dict(kd_weight=16.0, kd_temperature=4.0)  # METHOD 8.4: T = 4, weight T^2
+# Hinton et al. 2015 scale the soft-target KL by T^2 so its gradients keep their size as T grows;
+# T = 4 with weight T^2 = 16 is the paper under study's LGLossWeight (METHOD 8.4, 9).
+KD_T4 = dict(kd_weight=16.0, kd_temperature=4.0)

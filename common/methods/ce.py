@@ -3,4 +3,4 @@ from __future__ import annotations
 
 from common.methods.base import NO_FEATURES, register_method
 
-register_method(**{**NO_FEATURES, "name": "ce"})
+register_method(**{**NO_FEATURES, "name": "ce"}, summary="student baseline: cross-entropy only")

@@ -46,16 +46,19 @@ class ProjectedMSETerm(nn.Module):
 
 FEATURE_LOSSES.register("mse", ProjectedMSETerm)
 
-register_method(**{**FEATURE_BASE, **KD_T4, "name": "fitnet"})
-register_method(**{**FEATURE_BASE, "name": "fitnet_nokd"})
-register_method(**{**FEATURE_BASE, **KD_T4, "name": "fitnet_fc", "mapping": "full"})
-register_method(**{**FEATURE_BASE, "name": "stl_seplin", "detach_head": True})
+# Feature weight 1 on the baseline layers is the paper under study's "Base FKD" (METHOD 9). FitNets
+# (Romero et al. 2015) train one hint layer in a separate stage before KD; the CRD benchmark
+# (RepDistiller `--distill hint -b 100`) trains that one hint at weight 100 jointly with CE.
+register_method(**{**FEATURE_BASE, **KD_T4, "name": "fitnet"}, summary='the paper\'s "Base FKD": projected MSE (weight 1) on the baseline layers + CE + KD')
+register_method(**{**FEATURE_BASE, "name": "fitnet_nokd"}, summary='"Base FKD-KL": fitnet without KD')
+register_method(**{**FEATURE_BASE, **KD_T4, "name": "fitnet_fc", "mapping": "full"}, summary='"Base FKD+FC": fitnet over all teacher x student layer pairs')
+register_method(**{**FEATURE_BASE, "name": "stl_seplin", "detach_head": True}, summary='"Base FKD-LL": logit-free training on the baseline layers')
 
 # "selected": stage 1's selection (profile.criterion, Q by default, or profile.layers); the
 # ablations name their criterion and take its top-k from the same profile (METHOD 9 "Ours-*").
 OURS = {**FEATURE_BASE, "name": "ours", "teacher_layers": "selected", "detach_head": True}
-register_method(**OURS)
-register_method(**{**OURS, "name": "ours+ce", "detach_head": False})
-register_method(**{**OURS, **KD_T4, "name": "ours+ce+kd", "detach_head": False})
+register_method(**OURS, summary="the paper's method: feature losses only on the top-k Q layers (k = 4), head by CE on detached features")
+register_method(**{**OURS, "name": "ours+ce", "detach_head": False}, summary='"Ours+CE": ours with CE reaching the backbone')
+register_method(**{**OURS, **KD_T4, "name": "ours+ce+kd", "detach_head": False}, summary='"Ours+LL": ours with CE and KD reaching the backbone')
 for _suffix, _criterion in {"s": "S", "i": "I", "e": "E", "sqrtie": "sqrtIE"}.items():
-    register_method(**{**OURS, "name": f"ours_{_suffix}", "teacher_layers": _criterion})
+    register_method(**{**OURS, "name": f"ours_{_suffix}", "teacher_layers": _criterion}, summary=f"ablation: ours on the top-k layers by {_criterion} alone")

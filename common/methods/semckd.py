@@ -74,4 +74,9 @@ class SemCKDTerm(nn.Module):
 
 FEATURE_LOSSES.register("semckd", SemCKDTerm)
 
-register_method(**{**FEATURE_BASE, **KD_T4, "name": "semckd", "feature_loss": "semckd", "mapping": "full", "projector": "three_layer"})
+# Feature weight 1 + CE + KD (T 4, 16) is the paper under study's SemCKD-like baseline (METHOD 9);
+# SemCKD itself (Chen et al. AAAI 2021, its scripts: -r 1 -a 1 -b 400) weighs the attention loss 400.
+register_method(
+    **{**FEATURE_BASE, **KD_T4, "name": "semckd", "feature_loss": "semckd", "mapping": "full", "projector": "three_layer"},
+    summary="the paper's SemCKD-like baseline: attention-weighted MSE (weight 1; SemCKD's own is 400) + CE + KD",
+)

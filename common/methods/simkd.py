@@ -72,4 +72,10 @@ class SimKDDistiller(Distiller):
             )
 
 
-register_method(SimKDDistiller, **{**FEATURE_BASE, **KD_T4, "name": "simkd", "projector": "three_layer", "teacher_head": True})
+# CE + KD (T 4, 16) on the reused-head logits plus feature weight 1 is the paper under study's
+# SimKD-like baseline (METHOD 9); SimKD itself (Chen et al. CVPR 2022) trains with the feature
+# MSE alone (weight 1, no CE, no KD): method.ce_weight=0 method.kd_weight=0 gives that.
+register_method(
+    SimKDDistiller, **{**FEATURE_BASE, **KD_T4, "name": "simkd", "projector": "three_layer", "teacher_head": True},
+    summary="the paper's SimKD-like baseline: projected MSE + reused teacher head, + CE + KD (SimKD itself: MSE only)",
+)

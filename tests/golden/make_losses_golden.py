@@ -34,6 +34,18 @@ def kd(zs: np.ndarray, zt: np.ndarray, temperature: float, std: bool) -> float:
     return float((pt * (lt - ls)).sum(axis=1).mean())
 
 
+def row_normalized_gram(f: np.ndarray) -> np.ndarray:
+    q = f.reshape(f.shape[0], -1)
+    g = q @ q.T
+    norms = np.sqrt((g * g).sum(axis=1, keepdims=True))
+    return g / np.maximum(norms, 1e-12)
+
+
+def sp_published(fs: np.ndarray, ft: np.ndarray) -> float:
+    b = fs.shape[0]
+    return float(((row_normalized_gram(fs) - row_normalized_gram(ft)) ** 2).sum() / b**2)
+
+
 def pool_axis(x: np.ndarray, axis: int, out: int) -> np.ndarray:
     """Adaptive average pooling along one axis: bin i covers [floor(i*n/out), ceil((i+1)*n/out))."""
     n = x.shape[axis]
@@ -124,6 +136,17 @@ def main() -> None:
     for s in range(2):
         total += np.mean([sum(weights[b, s, t] * pair[b, s, t] for t in range(3)) for b in range(3)])
     cases["semckd_loss"] = {"inputs": {"pair_losses": pair, "weights": weights}, "expected": float(total / 2)}
+
+    # Published SP (Tung & Mori 2019, eq. 1-4), its own generator so the cases above keep their
+    # values: G = Q Q^T, rows divided by their L2 norm (a zero row stays zero), ||G~s - G~t||^2 / b^2.
+    sp_rng = np.random.default_rng(2019)
+    fs = np.maximum(sp_rng.normal(size=(6, 4, 3, 3)), 0.0)  # post-ReLU maps, as the loss meets them
+    ft = np.maximum(sp_rng.normal(size=(6, 10)), 0.0)
+    fs[4] = 0.0  # an all-zero sample: its Gram row is 0 and stays 0 after the normalisation
+    cases["similarity_preserving_published"] = {
+        "inputs": {"student": fs, "teacher": ft},
+        "expected": {"gram_student": row_normalized_gram(fs), "loss": sp_published(fs, ft)},
+    }
 
     def plain(value):
         if isinstance(value, np.ndarray):
