@@ -21,10 +21,10 @@ COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
-.PHONY: setup setup-test test demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality help
+.PHONY: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality help
 
 help:
-	@sed -n '1,5p' Makefile; echo; echo "targets: setup setup-test test demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality"
+	@sed -n '1,5p' Makefile; echo; echo "targets: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality"
 
 setup:
 	@bash .ci/setup.sh
@@ -34,6 +34,13 @@ setup-test:
 
 test: setup-test
 	$(PY) -m pytest -q tests
+
+# the quick subset: everything but the tests that start the stage scripts (marker `stages`)
+test-fast: setup-test
+	$(PY) -m pytest -q -m "not stages" tests
+
+lint: setup-test
+	.venv/bin/ruff check .
 
 teacher: setup
 	$(PY) stage1_profile_teacher.py $(COMMON) --train-only $(ARGS)

@@ -20,16 +20,16 @@ def body() -> int:
     args = p.parse_intermixed_args()
     cfg = cli.build_config(args, {})
 
-    from common.checks import load_checked
-    from common.data import load_data
-    from common.layer_tables import list_layers
-    from common.profile import run
-    from common.teacher import ensure_teacher
+    from common.checks import load_data_checked
+    from common.data.registry import load_data
+    from common.layers.tables import list_layers
+    from common.profile.runner import run
+    from common.profile.teacher import ensure_teacher
 
     if args.list_layers:  # writes nothing; the profile settings may be what the listing is for
         print(list_layers(cfg, load_data(cfg.dataset)).to_string(index=False))
         return 0
-    data = load_checked(cfg)  # the whole config, before a teacher is built or a file written
+    data = load_data_checked(cfg)  # the whole config, before a teacher is built or a file written
     if args.train_only:
         print(ensure_teacher(cfg, data))
         return 0

@@ -35,7 +35,7 @@ def body() -> int:
         return 0
     cfg = cli.build_config(args, {"student": "student.name", "method": "method.name"})  # --seeds too
 
-    from common import distributed
+    from common.train import distributed
     from common.distill import run  # checks the whole config before any work
 
     ranks = distributed.from_env()  # torchrun --nproc_per_node=N: one run on N processes

@@ -5,7 +5,7 @@ Writes <out>/accuracy.{csv,md,tex}, headroom.csv, epochs_to_target.{csv,md}, unf
 export.{csv,md} and export_runs.csv (once `make export` has run), PNG plots and report.html (all of them, and any layer-study report below <out>, in one offline
 page), and prints the Markdown tables. Unfinished or failed runs are listed, never averaged in.
 
-With --study: the layer-selection study's report instead (common/study.py), for the config the
+With --study: the layer-selection study's report instead (common/study/runner.py), for the config the
 study ran with (the same --config, flags and overrides as `make study`; overrides after `--`).
 Writes layer_study.{csv,md}, layer_study_{controls,correlations,runs}.csv and plots to --out
 (default <artifacts>/reports/layer_study/<dataset>/<teacher>__<student>).
@@ -24,7 +24,7 @@ from common import cli
 
 
 def body() -> int:
-    from common.discovery import PAIRS_HELP
+    from common.artifacts.discovery import PAIRS_HELP
 
     p = cli.Parser(__doc__)
     p.add_argument("--artifacts", default=None, help="artifacts directory to scan (default: artifacts; with --study: the config's)")
@@ -41,8 +41,7 @@ def body() -> int:
     study.add_argument("--student", default=None, help="student model name (sets student.name)")
     study.add_argument("--data-root", default=None, help="local dataset directory (sets dataset.root)")
     study.add_argument("--seeds", default=None, help='the study\'s seeds, e.g. --seeds "0 1 2" (sets seeds)')
-    study.add_argument("--quiet", action="store_true", help="accepted like the other stages' flag")
-    from common.study import add_plan_flags
+    from common.study.runner import add_plan_flags
 
     add_plan_flags(study)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"--study only: {cli.OVERRIDE_HELP} (after --)")
@@ -54,12 +53,12 @@ def body() -> int:
     out = Path(args.out) if args.out else artifacts / "reports"
     _check_args(args, artifacts, out)
 
-    from common.report import run
+    from common.report.runner import run
 
     result = run(artifacts, out, datasets=args.dataset, pairs=args.pairs, methods=args.methods, target=args.target, drop_outliers=args.drop_outliers)
     for name, text in result["markdown"].items():
         print(f"\n## {name}\n\n{text}")
-    from common.report_html import write_html
+    from common.report.page import write_html
 
     page = write_html(out)  # every table and plot under `out`, the layer study's too when it is there
     print(f"reports written to {out} (tables: accuracy, headroom, epochs_to_target, unfinished, export as .csv/.md, accuracy.tex; plots in {out / 'plots'}; all in one page: {page})")
@@ -67,9 +66,9 @@ def body() -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    """The study report: the config as stage 2 built it for the study, then common.study.run."""
+    """The study report: the config as stage 2 built it for the study, then common.study.runner.run."""
     from common.errors import ConfigError
-    from common import study
+    from common.study import runner as study
 
     for flag in ("pairs", "methods", "target"):
         if getattr(args, flag) is not None:
@@ -103,8 +102,8 @@ def _refuse_study_flags(args: argparse.Namespace) -> None:
 
 def _check_args(args: argparse.Namespace, artifacts: Path, out: Path) -> None:
     """Bad flags stop here with one line, before anything is read or written."""
-    from common.artifacts import check_writable
-    from common.discovery import pair_dir_name
+    from common.artifacts.layout import check_writable
+    from common.artifacts.discovery import pair_dir_name
     from common.errors import ConfigError
 
     for pair in args.pairs or []:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.layers import layer_table  # noqa: E402
+from common.layers.hooks import layer_infos  # noqa: E402
 from common.models import MODELS, create_model  # noqa: E402
 
 # name: (image size, classes, training images)
@@ -63,7 +63,7 @@ def baseline_row_bytes(name: str, image_size: int, classes: int) -> tuple[list[i
     """The teacher's baseline layers and their float16 bytes per cached row."""
     torch.manual_seed(0)
     model = create_model(name, num_classes=classes, in_channels=3, image_size=image_size)
-    table = layer_table(model.eval(), (3, image_size, image_size))
+    table = layer_infos(model.eval(), (3, image_size, image_size))
     layers = list(MODELS.get(name).baseline_layers)
     return layers, sum(table[i].dim for i in layers) * 2
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.cache import FeatureCache, epoch_batches  # noqa: E402
-from common.cache_write import write_h5  # noqa: E402
+from common.cache.reader import FeatureCache, epoch_batches  # noqa: E402
+from common.cache.write import write_h5  # noqa: E402
 
 
 def synthetic_rows(rows: int, dim: int, step: int = 2048):

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common.cache_write as cache_mod  # noqa: E402
-from common.cache import FeatureCache, epoch_batches  # noqa: E402
-from common.cache_write import write_h5  # noqa: E402
+import common.cache.write as cache_mod  # noqa: E402
+from common.cache.reader import FeatureCache, epoch_batches  # noqa: E402
+from common.cache.write import write_h5  # noqa: E402
 
 
 def rows(n: int, dim: int, step: int = 2048):

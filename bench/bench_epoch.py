@@ -41,11 +41,13 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench_profile_scale import write_cifar100  # noqa: E402  (bench/ is this script's sys.path[0])
-from common import artifacts, distill, profile  # noqa: E402
-from common.cache import epoch_batches  # noqa: E402
+from common import distill
+from common.artifacts import layout as artifacts
+from common.profile import runner as profile  # noqa: E402
+from common.cache.reader import epoch_batches  # noqa: E402
 from common.config import Config, load_config  # noqa: E402
-from common.data import Data, load_data  # noqa: E402
-from common.layer_tables import layer_shapes  # noqa: E402
+from common.data.registry import Data, load_data  # noqa: E402
+from common.layers.tables import layer_shapes  # noqa: E402
 from common.methods import build_distiller, resolve_method  # noqa: E402
 from common.models import create_model  # noqa: E402
 

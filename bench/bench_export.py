@@ -4,7 +4,7 @@
 For each student (resnet9, vgg11, mobilenetv2, vit_ett) a finished run directory is written the
 way stage 2 writes one, with random weights (what a student costs does not depend on how well
 it is trained), on a generated CIFAR-shaped dataset in the real pickle layout; then
-`common.export.export_all` exports them all exactly as `make export` does and the export table
+`common.export.runner.export_all` exports them all exactly as `make export` does and the export table
 is printed (params, MACs, ONNX size, CPU latency at batch 1 and 64 for ONNX Runtime and
 PyTorch eager, max abs logit difference), followed by the quartiles of each latency so the
 noise of the machine can be judged.
@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import discovery, export, export_tables  # noqa: E402
+from common.artifacts import discovery
+from common.export import runner as export
+from common.report import exports as export_tables  # noqa: E402
 from tests.fakedata import make_cifar10, make_cifar100  # noqa: E402
 from tests.test_export import write_run  # noqa: E402
 

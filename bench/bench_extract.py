@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Stage 1's feature extraction with HDF5 writes on, against the teacher's pure inference.
 
-Goal (issue 9): images/s of the real extraction path (common/profile_features.py
+Goal (issue 9): images/s of the real extraction path (common/profile/features.py
 `ensure_features_with`: forward, copy to the CPU, cast to the cache dtype, CRC-32, HDF5 write,
 fsync, rename) >= 0.85 x images/s of the same forward with the same layers hooked and nothing
 written: same teacher, same batches (profile.batch_size, the cache's row order), same device,
 same process. The extraction runs twice, with the writer thread
-(common.cache_write.WRITE_QUEUE_DEPTH) and with each batch written before the next is computed
+(common.cache.write.WRITE_QUEUE_DEPTH) and with each batch written before the next is computed
 (depth 0); the three variants are interleaved over repeats (order alternating) so that a busy
 shared machine slows all alike, and each one's CPU seconds are shown beside its wall time.
 
@@ -44,15 +44,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.bench_profile_scale import write_cifar100  # noqa: E402
-from common import cache_write  # noqa: E402
-from common.cache import layer_name, storage_order  # noqa: E402
+from common.cache import write as cache_write  # noqa: E402
+from common.cache.reader import layer_name, storage_order  # noqa: E402
 from common.config import Config, load_config  # noqa: E402
-from common.data import Data, load_data  # noqa: E402
-from common.layer_tables import layer_shapes  # noqa: E402
-from common.layers import forward_with_features  # noqa: E402
+from common.data.registry import Data, load_data  # noqa: E402
+from common.layers.tables import layer_shapes  # noqa: E402
+from common.layers.hooks import forward_with_features  # noqa: E402
 from common.models import MODELS  # noqa: E402
-from common.profile_features import ensure_features_with, features_path  # noqa: E402
-from common.teacher import build_teacher  # noqa: E402
+from common.profile.features import ensure_features_with, features_path  # noqa: E402
+from common.profile.teacher import build_teacher  # noqa: E402
 from common.runtime import resolve_device  # noqa: E402
 
 GOAL = 0.85

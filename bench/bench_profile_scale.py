@@ -73,7 +73,7 @@ CIFAR_SIDE = 32
 
 
 def write_cifar100(root: Path, n_train: int, n_test: int, classes: int, seed: int = 0) -> None:
-    """`root/cifar-100-python/{train,test,meta}` as common/dataset_formats.py's cifar100 reader reads them.
+    """`root/cifar-100-python/{train,test,meta}` as common/data/formats.py's cifar100 reader reads them.
 
     Each class gets a random 4x4 RGB picture blown up to 32x32; each image is its class picture
     plus uniform noise, so the teacher has something to learn (not needed for the cost, cheap).

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.quality import layer_stats  # noqa: E402
+from common.quality.formulas import layer_stats  # noqa: E402
 
 
 def _timed(fn, device: str | None) -> float:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Images/s of the project's training loop (common.train.fit) against a plain PyTorch loop.
+"""Images/s of the project's training loop (common.train.loop.fit) against a plain PyTorch loop.
 
 Goal of issue 9: fit >= 0.95 of the plain loop, as teacher training and as a CE student. The
 plain loop is the torchvision reference recipe stripped to its core: the same model (same
@@ -34,11 +34,11 @@ import torch.nn.functional as F  # noqa: E402
 from bench_epoch import DEFAULT_CONFIG, cifar_overrides  # noqa: E402  (bench/ is this script's sys.path[0])
 from bench_profile_scale import write_cifar100  # noqa: E402
 from common.config import Config, MethodConfig, ModelConfig, TrainConfig, load_config  # noqa: E402
-from common.data import Data, load_data  # noqa: E402
+from common.data.registry import Data, load_data  # noqa: E402
 from common.methods import build_distiller, resolve_method  # noqa: E402
 from common.models import MODELS, create_model  # noqa: E402
 from common.runtime import resolve_device  # noqa: E402
-from common.train import fit  # noqa: E402
+from common.train.loop import fit  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ def new_model(role: Role, data: Data, seed: int) -> torch.nn.Module:
 
 
 def run_fit(role: Role, data: Data, rows: torch.Tensor, seed: int) -> float:
-    """Images/s of one epoch of common.train.fit (its own measurement of the training part)."""
+    """Images/s of one epoch of common.train.loop.fit (its own measurement of the training part)."""
     model = new_model(role, data, seed)
     ce = build_distiller(
         resolve_method(MethodConfig(name="ce")), model, num_classes=data.num_classes,

@@ -1,30 +1,32 @@
 """Checks of the whole resolved config, run by every stage before any teacher is built or any
 file is written, so that a bad input costs seconds and leaves the artifacts tree as it was.
 
-    data = load_checked(cfg)    # stage 1 and 2: everything below, then the data, then what needs it
+    data = load_data_checked(cfg)    # stage 1 and 2: everything below, then the data, then what needs it
 
 Each check lives where its subject does; this module only runs them in order, cheap first:
-`common.config.validate_config` (ranges), `common.artifacts.check_writable` (the artifacts
-path), the model, dataset and method names (`common.teacher.check_names`, the registries), the
-devices, `common.data.load_data` (data errors), then the layer counts of an untrained teacher
-and student, `common.profile.validate`, and the training and analysis subsets. Stage 2's layer
+`common.config.validate_config` (ranges), `common.artifacts.layout.check_writable` (the artifacts
+path), the model, dataset and method names (`common.profile.teacher.check_names`, the registries), the
+devices, `common.data.registry.load_data` (data errors), then the layer counts of an untrained teacher
+and student, `common.profile.runner.validate`, and the training and analysis subsets. Stage 2's layer
 pairing is checked by `common.distill.check_layer_lists`, before the profile is read or built.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from common import artifacts, profile, tracking
+from common.artifacts import layout as artifacts
+from common.profile import runner as profile
+from common.train import tracking
 from common.config import Config, validate_config
-from common.data import DATASETS, Data, load_data
+from common.data.registry import DATASETS, Data, load_data
 from common.errors import ConfigError
-from common.layer_tables import layer_table_for
-from common.profile_quality import q_subsets
-from common.teacher import build_teacher, check_names
+from common.layers.tables import layer_infos_for
+from common.profile.stats import q_subsets
+from common.profile.teacher import build_teacher, check_names
 from common.runtime import resolve_device
 
 
-def load_checked(cfg: Config, data: Data | None = None) -> Data:
+def load_data_checked(cfg: Config, data: Data | None = None) -> Data:
     """Check everything, loading the data (unless given) in between; returns the data."""
     check_config(cfg)
     data = data if data is not None else load_data(cfg.dataset)
@@ -53,8 +55,8 @@ def check_config(cfg: Config) -> None:
 def check_with_data(cfg: Config, data: Data) -> None:
     """What needs the data: both models build for its image size and channels, the profile
     settings fit the teacher's layer count, the subsets fit the classes."""
-    n_teacher = len(layer_table_for(cfg.teacher, data))  # an untrained copy: cheap, and model errors show here
-    layer_table_for(cfg.student, data)
+    n_teacher = len(layer_infos_for(cfg.teacher, data))  # an untrained copy: cheap, and model errors show here
+    layer_infos_for(cfg.student, data)
     profile.validate(cfg, n_teacher)
     data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed)
     data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
@@ -67,5 +69,5 @@ def check_with_data(cfg: Config, data: Data) -> None:
             f"{data.num_classes} classes; set profile.subset_size >= {2 * data.num_classes} (two per class)"
         )
     q_subsets(cfg, data)
-    if cfg.teacher.pretrained is not None and not (artifacts.teacher_dir(cfg, data) / "done").exists():
+    if cfg.teacher.pretrained is not None and not (artifacts.teacher_dir(cfg, data) / artifacts.DONE).exists():
         build_teacher(cfg, data, pretrained=True)  # reads the checkpoint now, not after the teacher directory exists

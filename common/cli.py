@@ -51,7 +51,7 @@ def build_config(args: argparse.Namespace, flag_keys: dict[str, str]) -> Config:
         if value is not None:  # quoted: a flag's value is a string even when it looks like YAML ("yes", "1e3", "a: b")
             overrides.append(f"{key}={json.dumps(value)}")
     overrides += list(args.overrides)
-    if args.quiet:
+    if getattr(args, "quiet", False):  # stage 3 has no progress bars, so no --quiet
         overrides += ["train.progress=false", "teacher_train.progress=false", "profile.progress=false"]
     return load_config(args.config, overrides)
 
@@ -94,7 +94,7 @@ def main(body: Callable[[], int | None]) -> None:
         sys.exit(status)
     except (OSError, RuntimeError) as exc:
         # A write that no atomic writer wraps (a marker file, a plot) on a full disk: one line too.
-        from common.io import is_disk_full, mount_point
+        from common.files import is_disk_full, mount_point
 
         filename = getattr(exc, "filename", None)
         where = Path(filename).parent if filename else Path.cwd()

@@ -33,7 +33,7 @@ class DatasetConfig:
     """Which dataset and how it is split. Images are held in RAM as uint8 (METHOD 2.1)."""
 
     name: str = "fashion_mnist"
-    root: str | None = None  # None: the dataset's default location (see common/data.py)
+    root: str | None = None  # None: the dataset's default location (see common/data/registry.py)
     download: bool = False  # torchvision download, for users with network (cifar10/100)
     image_size: int | None = None  # resize to this size; None keeps the native size
     val_size: int = 0  # images held out of the training split (class-balanced) for validation
@@ -436,7 +436,7 @@ def _check_profile(p: ProfileConfig) -> None:
     # profile.layers: None means "the top-k by profile.criterion". An empty list would do the same
     # while hashing to a profile directory of its own, and most likely stands for a list the
     # user meant to fill in, so it is refused. Order is free (the selection is stored sorted);
-    # a layer named twice, also as i and i - n, is refused by common.profile.validate, which
+    # a layer named twice, also as i and i - n, is refused by common.profile.runner.validate, which
     # knows the teacher's layer count.
     _require(
         p.layers is None or len(p.layers) > 0,

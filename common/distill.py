@@ -1,40 +1,39 @@
 """Stage 2: distil a student from the teacher, once per seed (METHOD 7, 8; section 0 items 4, 6, 7, 9).
 
-For each seed a run directory (keyed by a hash of the resolved config, see common/artifacts.py)
+For each seed a run directory (keyed by a hash of the resolved config, see common/artifacts/layout.py)
 gets config.yaml, metrics.csv, student.pt and, written last, `done`. Finished runs are skipped,
 interrupted ones resumed from their checkpoint, failed ones marked with a `failed` file.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from common import artifacts, distributed
-from common.cache import FeatureCache
-from common.checks import load_checked
-from common.config import Config, to_dict
-from common.data import Data
-from common.distributed import SINGLE, Ranks
+from common.artifacts import layout as artifacts
+from common.train import distributed
+from common.cache.reader import FeatureCache
+from common.checks import load_data_checked
+from common.config import Config, TrainConfig, to_dict
+from common.data.registry import Data
+from common.train.distributed import SINGLE, Ranks
 from common.errors import ConfigError
-from common.io import atomic_write_yaml, file_lock, mark_failed, ram_budget, versions
-from common.layers import resolve_layers
+from common.runtime import ram_budget, versions
+from common.layers.hooks import resolve_layers
 from common.method_spec import MethodSpec
 from common.methods import build_distiller, resolve_method
 from common.models import MODELS, create_model
-from common import profile
-from common.layer_tables import layer_shapes, layer_table_for
-from common.profile_features import ensure_features, rebuild_hint
-from common.profile_manifest import Manifest
-from common.teacher import ensure_teacher, load_teacher
-from common.teacher_source import CachedTeacher, LiveTeacher
+from common.profile import runner as profile
+from common.layers.tables import layer_shapes, layer_infos_for
+from common.profile.features import ensure_features, rebuild_hint
+from common.profile.manifest import Manifest
+from common.profile.teacher import ensure_teacher, load_teacher
+from common.train.teacher_source import CachedTeacher, LiveTeacher
 from common.runtime import resolve_device, seed_everything
-from common.train import CHECKPOINT, TeacherSource, finish, fit
+from common.train.loop import CHECKPOINT, FitResult, TeacherSource, finish, fit
 
 log = logging.getLogger("kd")
 
@@ -62,7 +61,7 @@ def resolve_layer_lists(cfg: Config, spec: MethodSpec, data: Data, manifest: Man
 
 
 def run_dirs(cfg: Config, data: Data, spec: MethodSpec, teacher_layers: list[int], seeds: list[int]) -> dict[int, Path]:
-    """Seed -> the run directory of `spec` with these resolved teacher layers (common/artifacts.py)."""
+    """Seed -> the run directory of `spec` with these resolved teacher layers (common/artifacts/layout.py)."""
     use = artifacts.teacher_use(teacher_layers, cfg.profile.cache_dtype) if spec.needs_teacher else None
     method = dataclasses.asdict(spec)
     return {s: artifacts.run_dir(cfg, data, method, use, s) for s in seeds}
@@ -79,8 +78,8 @@ def check_layer_lists(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[i
     """
     if not (spec.needs_teacher_features or spec.needs_teacher_model):
         return [], []
-    n_teacher = len(layer_table_for(cfg.teacher, data))
-    n_student = len(layer_table_for(cfg.student, data))
+    n_teacher = len(layer_infos_for(cfg.teacher, data))
+    n_student = len(layer_infos_for(cfg.student, data))
     if spec.student_layers == "baseline":
         student_layers = list(MODELS.get(cfg.student.name).baseline_layers)
     else:
@@ -121,12 +120,12 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     whole config is checked first (common.checks, then the layer pairing in `resolve_layer_lists`),
     before a teacher or profile is built or a directory is made.
 
-    Under torchrun (`ranks`, see common/distributed.py) every rank calls this: the teacher and
+    Under torchrun (`ranks`, see common/train/distributed.py) every rank calls this: the teacher and
     profile are built once under their file locks (the other ranks wait there), rank 0 takes
     each run's lock and decides skip / restart for all, every rank trains its shard, rank 0 writes.
     """
     seeds = list(seeds if seeds is not None else cfg.seeds)
-    data = load_checked(cfg, data)
+    data = load_data_checked(cfg, data)
     distributed.local_batch_size(cfg.train.batch_size, ranks)  # a batch that does not split is a config error, checked first
     device = distributed.device_for(ranks, resolve_device(cfg.train.device))
     distributed.init(ranks, device)
@@ -137,7 +136,7 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     if needs_teacher:
         teacher_layers, student_layers = resolve_layer_lists(cfg, spec, data)  # checks lists before training
     dirs = run_dirs(cfg, data, spec, teacher_layers, seeds)
-    todo = distributed.broadcast([s for s in seeds if not (dirs[s] / "done").exists()], ranks)  # one list for all ranks
+    todo = distributed.broadcast([s for s in seeds if not (dirs[s] / artifacts.DONE).exists()], ranks)  # one list for all ranks
     for s in sorted(set(seeds) - set(todo)):
         log.info("distill %s seed %d: finished, skipping (%s)", spec.name, s, dirs[s])
     results = [RunResult(s, dirs[s], True) for s in seeds if s not in todo]
@@ -155,8 +154,8 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     teacher_model = load_teacher(cfg, data, device)[0] if spec.needs_teacher_model else None
     for seed in todo:
         rdir = dirs[seed]
-        with _run_lock(rdir, ranks):
-            if distributed.broadcast((rdir / "done").exists(), ranks):  # another process finished it while we waited
+        with artifacts.locked(rdir, holder=ranks.is_main):
+            if distributed.broadcast((rdir / artifacts.DONE).exists(), ranks):  # another process finished it while we waited
                 results.append(RunResult(seed, rdir, True))
                 continue
             if restart and ranks.is_main and (rdir / CHECKPOINT).exists():
@@ -171,17 +170,6 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     return sorted(results, key=lambda r: r.seed)
 
 
-@contextlib.contextmanager
-def _run_lock(rdir: Path, ranks: Ranks) -> Iterator[None]:
-    """The run directory's lock, held by rank 0 alone for all ranks of a torchrun job (the
-    others would wait on it forever while rank 0 waits for them in the first collective)."""
-    if not ranks.is_main:
-        yield
-        return
-    with file_lock(rdir / ".lock"):
-        yield
-
-
 def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int], device: torch.device, ranks: Ranks = SINGLE) -> TeacherSource:
     source = cfg.train.teacher_source
     if source == "auto":
@@ -190,10 +178,7 @@ def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int]
     if source == "live":
         teacher, _ = load_teacher(cfg, data, device)
         return LiveTeacher(teacher, layers, logits)
-    if source != "cache":
-        raise ConfigError(f"train.teacher_source must be auto, cache or live, not '{source}'")
-    if cfg.train.augment:
-        raise ConfigError("train.augment=true needs the live teacher (cached features would be stale); set train.teacher_source=live or auto")
+    # source is "cache": config.validate_config refused a cache with augmentation (stale features).
     # ensure_features refuses a cache of another checkpoint or other data (stage 1 rebuilds it).
     rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
     cache = FeatureCache(ensure_features(cfg, data, layers, rows), rebuild_hint=rebuild_hint(cfg))
@@ -231,8 +216,32 @@ def _train_one(
         },
     }
     if ranks.is_main:
-        atomic_write_yaml(rdir / "config.yaml", resolved)
         log.info("distill %s seed %d -> %s", spec.name, seed, rdir)
+    with artifacts.attempt(rdir, resolved, writer=ranks.is_main):
+        result = _fit_student(cfg, data, spec, train_cfg, rdir, resolved, teacher_layers, student_layers, teacher_shapes, source, teacher_model, ranks)
+        if ranks.is_main:
+            finish(rdir, result)
+    if not ranks.is_main:
+        return RunResult(seed, rdir, False, result.best_test_acc)
+    log.info("distill %s seed %d: best test accuracy %.2f%% (epoch %d), last %.2f%%", spec.name, seed, result.best_test_acc, result.best_epoch, result.last_test_acc)
+    return RunResult(seed, rdir, False, result.best_test_acc)
+
+
+def _fit_student(
+    cfg: Config,
+    data: Data,
+    spec: MethodSpec,
+    train_cfg: TrainConfig,
+    rdir: Path,
+    resolved: dict,
+    teacher_layers: list[int],
+    student_layers: list[int],
+    teacher_shapes: dict[int, tuple[int, ...]],
+    source: TeacherSource | None,
+    teacher_model: torch.nn.Module | None,
+    ranks: Ranks,
+) -> FitResult:
+    seed = train_cfg.seed
     seed_everything(seed)
     student = create_model(
         cfg.student.name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, width=cfg.student.width
@@ -250,28 +259,16 @@ def _train_one(
     )
     model_spec = MODELS.get(cfg.student.name)
     lr = train_cfg.lr if train_cfg.lr is not None else (model_spec.lr_kd if spec.needs_teacher else model_spec.lr_ce)
-    if ranks.is_main:
-        (rdir / "failed").unlink(missing_ok=True)  # this attempt's outcome replaces the last one's
-    try:
-        result = fit(
-            distiller,
-            data,
-            train_cfg,
-            rdir,
-            lr=lr,
-            train_indices=data.training_subset(train_cfg.train_subset, cfg.dataset.split_seed),
-            teacher=source,
-            weights_of=student,
-            desc=f"{spec.name} s{seed}",
-            ranks=ranks,
-            run_config=resolved,
-        )
-    except Exception as exc:  # any crash, not only UserErrors; KeyboardInterrupt/SIGTERM: resumable, not failed
-        if ranks.is_main:
-            mark_failed(rdir, exc)
-        raise
-    if not ranks.is_main:
-        return RunResult(seed, rdir, False, result.best_test_acc)
-    finish(rdir, result)
-    log.info("distill %s seed %d: best test accuracy %.2f%% (epoch %d), last %.2f%%", spec.name, seed, result.best_test_acc, result.best_epoch, result.last_test_acc)
-    return RunResult(seed, rdir, False, result.best_test_acc)
+    return fit(
+        distiller,
+        data,
+        train_cfg,
+        rdir,
+        lr=lr,
+        train_indices=data.training_subset(train_cfg.train_subset, cfg.dataset.split_seed),
+        teacher=source,
+        weights_of=student,
+        desc=f"{spec.name} s{seed}",
+        ranks=ranks,
+        run_config=resolved,
+    )

@@ -15,9 +15,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from common.discovery import find_profiles, finished_runs, read_metrics, read_yaml_dict
-from common.io import atomic_write
-from common.table_format import pair_label
+from common.artifacts.discovery import find_profiles, finished_runs, read_metrics, read_yaml_dict
+from common.files import atomic_write
+from common.report.text import pair_label
 
 QUALITY_STYLE = {  # colours of the paper's figure (Plotfigs.CPlotTeacherLayerSelection)
     "S": ("separation S", "midnightblue"),
@@ -100,7 +100,8 @@ def plot_quality(quality: pd.DataFrame, selected: Sequence[int], path: Path, tit
     ax.set_ylabel("metric")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # Beside the axes, not on them: four curves over every layer leave no empty corner to put it in.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     save_png(fig, path)
     return path

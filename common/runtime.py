@@ -1,17 +1,27 @@
-"""Where and how a process computes: device choice, seeding, and CUDA determinism on request.
+"""Where and how a process computes: device choice, seeding, CUDA determinism on request, and
+what it costs and runs on (peak memory, bytes written, the RAM budget, the recorded versions).
 
 Every stage calls `resolve_device` before its first CUDA call, which is where KD_DETERMINISTIC=1
-takes effect; `seed_everything` is what fixes a run's result on the CPU.
+takes effect; `seed_everything` is what fixes a run's result on the CPU. torch is imported inside
+the functions that need it: stage 3 and the report read `versions`-free parts of this module and
+must start without torch.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import platform
 import random
-
-import numpy as np
-import torch
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 # Set to 1 to make CUDA runs repeat exactly (see `set_deterministic`); the CPU needs nothing.
 DETERMINISTIC_ENV = "KD_DETERMINISTIC"
@@ -19,6 +29,9 @@ DETERMINISTIC_ENV = "KD_DETERMINISTIC"
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA); on the CPU this fixes a run's result."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -38,6 +51,8 @@ def set_deterministic() -> None:
     created, so the variable is set before the first CUDA matmul. `warn_only`: an op without a
     deterministic kernel warns instead of stopping a long run.
     """
+    import torch
+
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
@@ -46,6 +61,8 @@ def set_deterministic() -> None:
 
 def resolve_device(name: str) -> torch.device:
     """The torch device for a config's `device` value; applies KD_DETERMINISTIC=1 first."""
+    import torch
+
     if deterministic_requested():  # every stage picks its device before its first CUDA call
         set_deterministic()
     if name == "auto":
@@ -56,3 +73,84 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+
+
+# ----------------------------------------------------------------------------- costs and versions
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def io_written_mb() -> float:
+    """MiB this process has caused to be written to storage so far (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/io") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        return int(fields["write_bytes"]) / 2**20
+    except (OSError, KeyError, ValueError):
+        return 0.0
+
+
+def release_free_memory() -> None:
+    """Hand memory that is free inside the process back to the system (glibc's malloc_trim).
+
+    Streaming loops allocate and free many 1-32 MB tensors; glibc keeps the freed ones in its
+    heap, fragmented, so the resident size grows with every class or pass although live data
+    does not (measured on a full-width ResNet34 profile: 4.3 GB resident, 1.8 GB after a trim).
+    A no-op where glibc is absent.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def code_version() -> str:
+    """`git describe` of this checkout (with -dirty), or 'unknown' outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in every run directory, for reproducibility."""
+    import h5py
+    import numpy
+    import torch
+
+    return {
+        "code": code_version(),
+        "python": sys.version.split()[0],
+        "torch": str(torch.__version__),
+        "numpy": numpy.__version__,
+        "h5py": h5py.__version__,
+        "cuda": torch.version.cuda or "none",
+        "platform": platform.platform(),
+    }
+
+
+def ram_budget() -> int:
+    """Half of the available memory (Linux /proc; 4 GiB elsewhere): the feature cache goes to
+    RAM when it fits in this."""
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+        return info.get("MemAvailable", 0) // 2
+    except OSError:
+        return 4 << 30

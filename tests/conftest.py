@@ -1,4 +1,7 @@
-"""Test-wide settings."""
+"""Test-wide settings, and the `stages` marker (`make test-fast` leaves those tests out).
+
+Helpers for the tests that start the stage scripts live in tests/stages.py.
+"""
 import os
 
 import pytest
@@ -15,3 +18,9 @@ os.environ["OMP_NUM_THREADS"] = "1"
 def _seed():
     """Every test starts from the same torch RNG state, whatever ran before it."""
     torch.manual_seed(0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "stages: starts the stage scripts or runs whole stages (minutes); `make test-fast` deselects them"
+    )

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.cache import FeatureCache, epoch_batches, storage_order
-from common.cache_write import write_h5
+from common.cache.reader import FeatureCache, epoch_batches, storage_order
+from common.cache.write import write_h5
 from common.errors import CacheError, ConfigError
+from tests.stages import temp_files
 
 N = 50
 SHAPES = {"layer_3": (4, 2, 2), "logits": (10,), "labels": ()}
@@ -35,10 +36,6 @@ def batches_of(data: dict[str, np.ndarray], size: int = 16, as_torch: bool = Tru
 
 def write(path: Path, data: dict[str, np.ndarray], **kwargs) -> None:
     write_h5(path, META, N, SHAPES, DTYPES, batches_of(data), **kwargs)
-
-
-def temp_files(directory: Path) -> list[str]:
-    return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 8])
@@ -325,7 +322,7 @@ def test_a_cache_of_some_rows_is_addressed_by_training_position(tmp_path: Path, 
 def test_disk_batches_mix_classes_even_when_the_split_is_stored_class_by_class(tmp_path: Path, monkeypatch) -> None:
     """Tiny ImageNet stores its training images class by class: position // 200 is the class here.
     Rows stored in `storage_order` make disk-block batches as mixed as random ones."""
-    from common.teacher_source import CachedTeacher
+    from common.train.teacher_source import CachedTeacher
 
     n, classes, batch = 2000, 10, 32
     positions = storage_order(torch.arange(n))
@@ -354,7 +351,7 @@ def test_disk_batches_mix_classes_even_when_the_split_is_stored_class_by_class(t
 
 def test_batch_order_does_not_depend_on_free_memory(tmp_path: Path) -> None:
     """The same seed gives the same batches whether the cache went to RAM or stays on disk."""
-    from common.teacher_source import CachedTeacher
+    from common.train.teacher_source import CachedTeacher
 
     data, path = make_data(), tmp_path / "f.h5"
     write(path, data)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from common.layers import extract, forward_with_features, generalized_layers, head_position, linearize
+from common.layers.hooks import extract, forward_with_features, generalized_layers, head_position, linearize
 from common.models import EXTERNAL_LR, MODELS, create_model
 from common.models.cifar import ZOO
 from common.models.cifar.checkpoint import load_zoo_checkpoint
@@ -143,7 +143,7 @@ def test_generalized_layers_and_baseline_list(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_sequential_property(name):
     """The linearised modules run in order give model(x), each called once in model(x)
-    (common/layers.py's contract: SimKD's reused head, the detached head)."""
+    (common/layers/hooks.py's contract: SimKD's reused head, the detached head)."""
     model = create_model(f"cifar:{name}", num_classes=100).eval()
     x = torch.randn(2, 3, 32, 32)
     modules = linearize(model)

@@ -12,16 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DatasetConfig
-from common.data import (
-    DATASETS,
-    Data,
-    augment_batch,
-    balanced_subset,
-    channel_stats,
-    class_counts,
-    load_data,
-    validation_split,
-)
+from common.data.registry import DATASETS, Data, augment_batch, balanced_subset, channel_stats, class_counts, load_data, validation_split
 from common.errors import ConfigError, DataError
 from common.registry import UnknownNameError
 from tests.fakedata import (

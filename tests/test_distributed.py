@@ -21,13 +21,17 @@ import pytest
 import torch
 import yaml
 
-from common import artifacts, distributed, profile
+from common.artifacts import layout as artifacts
+from common.train import distributed
+from common.profile import runner as profile
 from common.config import TrainConfig, load_config
-from common.data import load_data
-from common.distributed import Ranks
+from common.data.registry import load_data
+from common.train.distributed import Ranks
 from common.errors import ConfigError
-from common.recipes import make_optimizer, make_scheduler
+from common.train.recipes import make_optimizer, make_scheduler
 from tests.fakedata import make_fashion_mnist
+
+pytestmark = pytest.mark.stages  # starts the stage scripts or runs whole stages
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -129,7 +133,7 @@ def test_fit_trains_a_cnn_in_channels_last_and_its_weights_load_into_nchw(tmp_pa
     from common.config import MethodConfig
     from common.methods import build_distiller, resolve_method
     from common.models import create_model
-    from common.train import fit
+    from common.train.loop import fit
 
     make_fashion_mnist(tmp_path / "fmnist", n_train=40, n_test=20, seed=0)
     weights = {}

@@ -13,14 +13,23 @@ import torch
 import yaml
 from torch import nn
 
-from common import cli, discovery, distill, export, export_files, export_record, export_tables, latency, tables
+from common import cli, distill
+from common.artifacts import discovery
+from common.export import runner as export
+from common.export import files as export_files
+from common.export import record as export_record
+from common.report import exports as export_tables
+from common.export import latency
+from common.report import tables
 from common.config import load_config, to_dict
-from common.data import load_data
+from common.data.registry import load_data
 from common.errors import DataError, ExportError
-from common.io import sha256_file
+from common.files import sha256_file
 from common.models import create_model
 from tests.fakedata import make_cifar10
 from tests.test_pipeline import tiny_config
+
+pytestmark = pytest.mark.stages  # starts the stage scripts or runs whole stages
 
 FAST = export.ExportSettings(threads=1, warmup=1, repeats=2, check_images=64)
 OUTPUT_FILES = (export_record.ONNX_FILE, export_record.TORCHSCRIPT_FILE, export_record.RECORD_FILE)

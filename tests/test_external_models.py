@@ -13,11 +13,11 @@ from torch import nn
 
 from common.config import MethodConfig
 from common.errors import ConfigError
-from common.layers import backbone_and_head_parameters, extract, generalized_layers, head_position, layer_table, linearize, modules_after
+from common.layers.hooks import backbone_and_head_parameters, extract, generalized_layers, head_position, layer_infos, linearize, modules_after
 from common.methods import build_distiller, resolve_method
 from common.models import MODELS, create_model
 from common.models.external import adapt_input_weight, baseline_layers, describe
-from common.quality import layer_stats
+from common.quality.formulas import layer_stats
 from common.registry import UnknownNameError
 
 NUM_CLASSES, SIZE = 10, 32
@@ -70,7 +70,7 @@ def _images(name: str, n: int, seed: int = 0) -> torch.Tensor:
 def test_layer_listing_spec_and_head(name, built):
     channels, expected, baseline, head, family = MODELS_UNDER_TEST[name]
     model = built[name]
-    table = layer_table(model, (channels, SIZE, SIZE))
+    table = layer_infos(model, (channels, SIZE, SIZE))
     assert [t.index for t in table] == list(range(len(expected)))
     assert [(t.path, t.shape) for t in table] == expected
     spec = MODELS.get(name)
@@ -146,7 +146,7 @@ def _step(teacher: nn.Module, student: nn.Module, t_name: str, s_name: str, t_ch
     spec = resolve_method(MethodConfig(name=method))
     t_layers, s_layers = list(MODELS.get(t_name).baseline_layers), list(MODELS.get(s_name).baseline_layers)
     input_shape = (t_channels, SIZE, SIZE)
-    teacher_shapes = {t.index: t.shape for t in layer_table(teacher, input_shape)}
+    teacher_shapes = {t.index: t.shape for t in layer_infos(teacher, input_shape)}
     distiller = build_distiller(
         spec, student, num_classes=NUM_CLASSES, input_shape=input_shape, teacher_layers=t_layers,
         student_layers=s_layers, teacher_shapes=teacher_shapes, teacher=teacher, batch_size=4,
@@ -269,12 +269,14 @@ def test_unsupported_models_are_refused_clearly():
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.stages
 def test_stage1_and_stage2_with_library_models(tmp_path):
     """Stage 1 (teacher, S/I/E/Q, selection, cache) and stage 2 (ours, detached head) with a
     torchvision teacher and a timm student on a tiny Fashion-MNIST stand-in, one epoch each."""
-    from common import distill, profile
-    from common.layer_tables import list_layers
-    from common.checks import load_checked
+    from common import distill
+    from common.profile import runner as profile
+    from common.layers.tables import list_layers
+    from common.checks import load_data_checked
     from common.config import load_config
     from tests.fakedata import make_fashion_mnist
 
@@ -286,7 +288,7 @@ def test_stage1_and_stage2_with_library_models(tmp_path):
         "train.epochs=1", "train.batch_size=40", "train.progress=false",
         "profile.subset_size=60", "profile.per_class_cap=6", "profile.batch_size=60", "profile.progress=false",
     ])
-    data = load_checked(cfg)
+    data = load_data_checked(cfg)
     table = list_layers(cfg, data)
     assert list(table["module"])[:2] == ["maxpool", "layer1.0"] and list(table["baseline"]).count(True) == 4
     prof = profile.run(cfg, data)

@@ -1,4 +1,4 @@
-"""The feature cache's writer thread (common/cache_write.py `_stream_rows`): the same file as writing
+"""The feature cache's writer thread (common/cache/write.py `_stream_rows`): the same file as writing
 inline, bounded memory, and errors in either thread ending the write cleanly.
 
 Expected datasets and CRCs are re-derived here with numpy and zlib (never the code under test).
@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from common import cache_write
-from common.cache import CHECKSUM, FeatureCache
-from common.cache_write import write_h5
+from common.cache import write as cache_write
+from common.cache.reader import CHECKSUM, FeatureCache
+from common.cache.write import write_h5
 from common.cli import Terminated
 from common.errors import CacheError, DiskFullError
+from tests.stages import temp_files
 
 N = 70
 BATCH = 8  # 9 batches, the last one short
@@ -59,10 +60,6 @@ def read_back(path: Path) -> tuple[dict[str, np.ndarray], dict[str, int]]:
 
 def writer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(cache_write.WRITER_THREAD)]
-
-
-def temp_files(directory: Path) -> list[str]:
-    return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
 
 
 def patch_writes(monkeypatch, before: Callable[[h5py.Dataset], None]) -> list[tuple[str, str]]:

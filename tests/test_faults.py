@@ -13,20 +13,22 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from common import distill, profile
+from common import distill
+from common.profile import runner as profile
 from common.config import load_config
-from common.data import load_data
+from common.data.registry import load_data
 from tests.fakedata import make_fashion_mnist, make_image_folder
+from tests.stages import run_stage
+
+pytestmark = pytest.mark.stages  # starts the stage scripts or runs whole stages
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = {"s1": "stage1_profile_teacher.py", "s2": "stage2_distill.py", "s3": "stage3_evaluate.py"}
 FAST_S = 30.0  # a check-only failure takes ~3 s here; training the tiny teacher alone takes longer
 
 
@@ -89,10 +91,9 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def run_stage(stage: str, args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def timed_stage(stage: str, args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     tic = time.perf_counter()
-    out = subprocess.run([sys.executable, STAGES[stage], *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    out = run_stage(stage, args)
     return out, time.perf_counter() - tic
 
 
@@ -201,7 +202,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(tree: Path, stage: str,
         pytest.skip("cannot make a directory read-only here (no chattr +i for root)")
     before = snapshot(tree)
     base = [] if stage == "s3" else ["--quiet", *tiny_overrides(tree)]
-    out, seconds = run_stage(stage, base + args)
+    out, seconds = timed_stage(stage, base + args)
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2, out.stderr
     assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
@@ -232,7 +233,7 @@ FRESH_CASES = [
 def test_bad_input_on_a_fresh_tree_writes_nothing(tree: Path, tmp_path: Path, stage: str, args: list[str], word: str):
     fresh = tmp_path / "artifacts"
     overrides = [o for o in tiny_overrides(tree) if not o.startswith("artifacts=")]
-    out, _ = run_stage(stage, ["--quiet", *overrides, f"artifacts={fresh}", *args])
+    out = run_stage(stage, ["--quiet", *overrides, f"artifacts={fresh}", *args])
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2 and len(errors) == 1 and word in errors[0], out.stderr
     assert not re.search(r"^(teacher |distill |profile:)", out.stderr, re.M), out.stderr

@@ -27,20 +27,25 @@ import numpy as np
 import pytest
 import torch
 
-from common import artifacts, discovery, distill, profile, report
-from common.cache import CHECKSUM, FeatureCache
-from common.cache_write import write_h5
+from common import distill
+from common.artifacts import layout as artifacts
+from common.artifacts import discovery
+from common.profile import runner as profile
+from common.report import runner as report
+from common.cache.reader import CHECKSUM, FeatureCache
+from common.cache.write import write_h5
 from common.config import Config, load_config
-from common.data import Data, load_data
+from common.data.registry import Data, load_data
 from common.errors import CacheError, DiskFullError
-from common.io import atomic_torch_save, atomic_write_text, file_lock
-from common.profile_features import features_path
-from common.profile_manifest import load_manifest
-from common.teacher import ensure_teacher, load_teacher
+from common.files import atomic_torch_save, atomic_write_text, file_lock
+from common.profile.features import features_path
+from common.profile.manifest import load_manifest
+from common.profile.teacher import ensure_teacher, load_teacher
 from tests.fakedata import make_fashion_mnist
+from tests.stages import ENV, ROOT, one_error_line, run_stage, temp_files
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+pytestmark = pytest.mark.stages  # starts the stage scripts or runs whole stages
+
 TIMEOUT_S = 120  # per subprocess; a healthy one takes a few seconds
 
 
@@ -96,19 +101,6 @@ def tree(built, tmp_path) -> Tree:
     return Tree(data_root, tmp_path / "artifacts", data)
 
 
-def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
-
-
-def one_error_line(out: subprocess.CompletedProcess) -> str:
-    """The single `error:` line of a stage that stopped on a UserError (exit 2, no traceback)."""
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert out.returncode == 2 and len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
-    return errors[0]
-
-
-def temp_files(root: Path) -> list[Path]:
-    return sorted(p for p in Path(root).rglob("*.tmp"))
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -199,7 +191,7 @@ def test_damaged_or_stale_cache_is_refused_by_stage2_and_rebuilt_by_stage1(tree:
 
 def test_flipped_byte_is_one_error_line_naming_file_field_and_command(tree: Tree) -> None:
     words = flipped_byte(tree)
-    line = one_error_line(run_script("stage2_distill.py", tree.args("method.name=ours")))
+    line = one_error_line(run_stage("s2", tree.args("method.name=ours")))
     assert str(tree.features) in line and words in line and "make profile" in line, line
     assert not list(tree.arts.rglob("student.pt"))
     profile.run(tree.cfg(), tree.data)
@@ -232,8 +224,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import cli
-from common.cache_write import write_h5
-from common.io import atomic_torch_save, atomic_write
+from common.cache.write import write_h5
+from common.files import atomic_torch_save, atomic_write
 
 point, target = sys.argv[1], Path(sys.argv[2])
 
@@ -311,7 +303,7 @@ def test_killed_writers_leave_the_old_artifact_and_sigterm_leaves_no_temp_file(t
         proc = subprocess.Popen([sys.executable, "-c", WRITER, point, str(directory / name)], cwd=ROOT, env=ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs[(point, sig)] = (proc, directory / name, before)
-    for (point, sig), (proc, path, before) in procs.items():
+    for (point, sig), (proc, path, _before) in procs.items():
         _wait_ready(proc)
         assert temp_files(path.parent), f"{point}: no temp file at the kill point"
         proc.send_signal(sig)
@@ -373,7 +365,7 @@ def test_stage2_sigterm_is_a_clean_exit_and_the_report_tells_running_from_interr
 
 
 def test_report_tells_a_crash_with_its_error_from_running_and_interrupted_runs(tree: Tree, monkeypatch) -> None:
-    import common.train as train_mod
+    import common.train.loop as train_mod
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash in evaluation")
@@ -440,7 +432,7 @@ def test_disk_full_is_one_line_leaves_no_partial_file_and_keeps_earlier_artifact
     tree = Tree(tree.data_root, small_disk / "artifacts", tree.data)
     _fill(small_disk, leave=4 << 20)  # the float32 cache needs ~22 MiB
     before = snapshot(small_disk)
-    line = one_error_line(run_script("stage1_profile_teacher.py", tree.args("profile.cache_dtype=float32")))
+    line = one_error_line(run_stage("s1", tree.args("profile.cache_dtype=float32")))
     new_cache = features_path(tree.cfg("profile.cache_dtype=float32"), tree.data)
     assert "disk full" in line and str(new_cache) in line and str(small_disk) in line, line
     assert not new_cache.exists() and temp_files(small_disk) == []

@@ -35,21 +35,22 @@ import pandas as pd
 import pytest
 import torch
 
-from common import distill, report
-from common.cache import FeatureCache
+from common import distill
+from common.report import runner as report
+from common.cache.reader import FeatureCache
 from common.config import Config, load_config
-from common.data import load_data
+from common.data.registry import load_data
 from common.errors import ConfigError, TrainingError
-from common.profile_features import cache_identity
-from common.profile_manifest import load_manifest, select_teacher_layers
-from common.quality import layer_stats
-from common.quality_stream import stream_layer_stats
-from common.train import fit
+from common.profile.features import cache_identity
+from common.profile.manifest import load_manifest, select_teacher_layers
+from common.quality.formulas import layer_stats
+from common.quality.stream import stream_layer_stats
+from common.train.loop import fit
 from tests.fakedata import make_fashion_mnist
+from tests.stages import ENV, ROOT, STAGES, temp_files
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-STAGES = {"s1": "stage1_profile_teacher.py", "s2": "stage2_distill.py", "s3": "stage3_evaluate.py"}
+pytestmark = pytest.mark.stages  # starts the stage scripts or runs whole stages
+
 TIMEOUT = 240  # seconds for one child; each takes a few here
 # Columns of metrics.csv that a seed fixes (times and images/s are not).
 EXACT = ["epoch", "train_loss", "loss_feat", "loss_ce", "train_acc", "test_acc", "lr"]
@@ -143,10 +144,6 @@ def epochs_done(artifacts: Path) -> int:
     """Rows of the student run's metrics.csv (written atomically, so readable at any time)."""
     found = list(artifacts.glob("fashion_mnist/resnet18__resnet9/ours-*/seed0/metrics.csv"))
     return len(pd.read_csv(found[0])) if found else 0
-
-
-def temp_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*.tmp")]
 
 
 def assert_same_weights(a: Path, b: Path, why: str) -> None:
@@ -476,7 +473,9 @@ def test_two_methods_at_once_share_teacher_and_profile_and_two_reports_agree(tre
     alone = tree.tmp / "together" / "alone"
     report.run(artifacts, alone)
     for name in ("accuracy.csv", "accuracy.md", "accuracy.tex", "epochs_to_target.csv", "epochs_to_target.md", "unfinished.csv", "unfinished.md"):
-        assert (out / name).read_bytes() == (alone / name).read_bytes(), name
+        assert (out / name).is_file() == (alone / name).is_file(), name  # unfinished.md only with unfinished runs
+        if (alone / name).is_file():
+            assert (out / name).read_bytes() == (alone / name).read_bytes(), name
     accuracy = pd.read_csv(out / "accuracy.csv")
     assert {"ours", "fitnet"} <= set(accuracy["method"])
     assert not temp_files(out)

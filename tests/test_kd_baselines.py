@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import losses as L
+from common.methods import losses as L
 from common.errors import ConfigError
 from common.methods import crd_loss as C
 from common.methods import dkd_loss as D

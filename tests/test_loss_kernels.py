@@ -1,4 +1,4 @@
-"""The faster kernels behind common/losses.py compute the same numbers as the formulas they replace.
+"""The faster kernels behind common/methods/losses.py compute the same numbers as the formulas they replace.
 
 `adaptive_avg_pool` uses plain average pooling when the windows are whole and hold 2^j elements
 (bit for bit the adaptive result, forward and backward); `feature_mse` is one `mse_loss` instead of the mean of
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import losses as L
+from common.methods import losses as L
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Golden values (tests/golden/losses.json, numpy float64) and properties of common/losses.py."""
+"""Golden values (tests/golden/losses.json, numpy float64) and properties of common/methods/losses.py."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import losses as L
+from common.methods import losses as L
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "losses.json").read_text())
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from common.config import MethodConfig, load_config
 from common.errors import ConfigError, TrainingError
-from common.layers import extract, generalized_layers, layer_table, linearize, modules_after
+from common.layers.hooks import extract, generalized_layers, layer_infos, linearize, modules_after
 from common.method_spec import SPEC_FIELDS, override_fields
 from common.methods import METHODS, build_distiller, resolve_method
 from common.methods.projectors import PairAdapter, from_channels_first, to_channels_first
@@ -41,7 +41,7 @@ def toy_teacher() -> nn.Sequential:
     )
 
 
-TEACHER_SHAPES = {info.index: info.shape for info in layer_table(toy_teacher(), INPUT)}
+TEACHER_SHAPES = {info.index: info.shape for info in layer_infos(toy_teacher(), INPUT)}
 
 
 def setup(name: str, student_layers=STUDENT_LAYERS, teacher_layers=TEACHER_LAYERS, batch_size=BATCH, **overrides):
@@ -201,7 +201,7 @@ def test_projectors_are_bias_free_1x1_convs_student_to_teacher(name):
     for pair, adapter in zip(term.pairs, term.adapters):
         conv = adapter.projector
         assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.bias is None
-        assert conv.in_channels == layer_table(toy_student(), INPUT)[STUDENT_LAYERS[pair.student]].shape[0]
+        assert conv.in_channels == layer_infos(toy_student(), INPUT)[STUDENT_LAYERS[pair.student]].shape[0]
         assert conv.out_channels == TEACHER_SHAPES[TEACHER_LAYERS[pair.teacher]][0]
 
 
@@ -257,7 +257,7 @@ def test_one2one_loss_is_the_mean_over_pairs_and_full_the_mean_over_all_pairs():
 
 
 def test_sp_sums_the_published_loss_over_pairs_and_sp_ref_averages_the_reference_loss():
-    from common.losses import similarity_preserving_loss, similarity_preserving_ref_loss
+    from common.methods.losses import similarity_preserving_loss, similarity_preserving_ref_loss
 
     for name, loss, reduce in [("sp", similarity_preserving_loss, torch.sum), ("sp_ref", similarity_preserving_ref_loss, torch.mean)]:
         distiller, _, (images, labels, features, teacher_logits) = setup(name)

@@ -11,7 +11,7 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
 
 from common.errors import ConfigError
-from common.layers import generalized_layers, head_position, layer_table, linearize
+from common.layers.hooks import generalized_layers, head_position, layer_infos, linearize
 from common.models import MODELS, create_model
 from common.models.pretrained import load_vit, rename_torchvision_vit_keys
 from common.models.vit import vit
@@ -63,7 +63,7 @@ def test_every_model_has_a_table():
 def test_layer_table_at_cifar_size(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10)
-    table = layer_table(model, (3, 32, 32))
+    table = layer_infos(model, (3, 32, 32))
     assert [info.shape for info in table] == CIFAR_TABLES[name]
     head = head_position(model)
     in_head = [g.index for g in generalized_layers(model) if g.position > head]
@@ -84,11 +84,11 @@ def test_layer_table_at_cifar_size(name):
 )
 def test_tiny_imagenet_size_rules(name, first_two):
     model = create_model(name, num_classes=200, image_size=64, width=0.25)
-    assert [info.shape for info in layer_table(model, (3, 64, 64))[:2]] == first_two
+    assert [info.shape for info in layer_infos(model, (3, 64, 64))[:2]] == first_two
 
 
 def test_width_rules():
-    resnet = layer_table(create_model("resnet34", num_classes=10, width=0.25), (3, 32, 32))
+    resnet = layer_infos(create_model("resnet34", num_classes=10, width=0.25), (3, 32, 32))
     assert sorted({info.shape[0] for info in resnet}) == [16, 32, 64, 128]
     vit_small = create_model("vit_ett", num_classes=10, width=0.3)  # 6 heads, 192 * 0.3 / 6 = 9.6 -> 10
     assert vit_small.ln.normalized_shape[0] == 60

@@ -11,17 +11,23 @@ import pytest
 import torch
 import yaml
 
-from common import artifacts, distill, profile, report
-from common.cache import FeatureCache
+from common import distill
+from common.artifacts import layout as artifacts
+from common.profile import runner as profile
+from common.report import runner as report
+from common.cache.reader import FeatureCache
 from common.config import Config, load_config
-from common.data import load_data
+from common.data.registry import load_data
 from common.errors import CacheError, ConfigError, TrainingError
-from common.layer_tables import list_layers
-from common.profile_features import ensure_features
-from common.teacher import load_teacher
-from common.teacher_source import CachedTeacher, LiveTeacher
-from common.train import fit
+from common.layers.tables import list_layers
+from common.profile.features import ensure_features
+from common.profile.teacher import load_teacher
+from common.train.teacher_source import CachedTeacher, LiveTeacher
+from common.train.loop import fit
 from tests.fakedata import make_fashion_mnist
+from tests.stages import run_stage
+
+pytestmark = pytest.mark.stages  # starts the stage scripts or runs whole stages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -219,7 +225,7 @@ def test_resume_gives_the_same_result(tmp_path, monkeypatch):
     import shutil
 
     shutil.rmtree(full.parent)
-    import common.train as train_mod
+    import common.train.loop as train_mod
 
     real = train_mod.evaluate
     calls = {"n": 0}
@@ -305,9 +311,8 @@ def test_two_processes_share_one_teacher(tmp_path):
     assert len(pd.read_csv(artifacts.teacher_dir(cfg, data) / "metrics.csv")) == 1
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+def _cli(script: str, *args: str) -> subprocess.CompletedProcess:
+    return run_stage(script, list(args), timeout=120)
 
 
 @pytest.mark.parametrize("script", ["stage1_profile_teacher.py", "stage2_distill.py", "stage3_evaluate.py"])

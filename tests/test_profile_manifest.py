@@ -6,14 +6,16 @@ import pytest
 import torch
 import yaml
 
-from common import artifacts, distill, profile
-from common.cache import FeatureCache
-from common.data import load_data
+from common import distill
+from common.artifacts import layout as artifacts
+from common.profile import runner as profile
+from common.cache.reader import FeatureCache
+from common.data.registry import load_data
 from common.errors import CacheError
-from common.layer_tables import layer_shapes
-from common.profile_features import ensure_features, features_path
-from common.profile_manifest import load_manifest
-from common.profile_quality import q_subsets
+from common.layers.tables import layer_shapes
+from common.profile.features import ensure_features, features_path
+from common.profile.manifest import load_manifest
+from common.profile.stats import q_subsets
 from tests.test_pipeline import tiny_config
 
 
@@ -29,6 +31,7 @@ def _run_layers(result) -> list[int]:
     return yaml.safe_load((result.dir / "config.yaml").read_text())["run"]["teacher_layers"]
 
 
+@pytest.mark.stages
 def test_manifest_lists_every_criterion_and_the_cache(workspace):
     _, _, cfg, data = workspace
     manifest = profile.run(cfg, data).manifest
@@ -43,6 +46,7 @@ def test_manifest_lists_every_criterion_and_the_cache(workspace):
     assert set(content["features"]["layers"]) >= set(content["selection"]["layers"])
 
 
+@pytest.mark.stages
 def test_profile_criterion_is_the_one_criterion_stage2_uses(workspace):
     tmp, base, _, data = workspace
     cfg = tiny_config(tmp, *base, "profile.criterion=S", "method.name=ours")
@@ -55,6 +59,7 @@ def test_profile_criterion_is_the_one_criterion_stage2_uses(workspace):
     assert _run_layers(distill.run(cfg_e, seeds=[0])[0]) == load_manifest(cfg_e, data).data["top_k"]["E"]
 
 
+@pytest.mark.stages
 def test_changing_k_reselects_without_recomputing_or_invalidating_runs(workspace):
     tmp, base, cfg, data = workspace
     profile.run(cfg, data)
@@ -72,6 +77,7 @@ def test_changing_k_reselects_without_recomputing_or_invalidating_runs(workspace
         assert again.skipped and again.dir == finished[method]
 
 
+@pytest.mark.stages
 def test_feature_cache_holds_the_training_rows_and_grows_on_demand(workspace):
     tmp, base, cfg, data = workspace
     profile.run(cfg, data)
@@ -95,6 +101,7 @@ def test_feature_cache_holds_the_training_rows_and_grows_on_demand(workspace):
         assert {1, 2} <= set(cache.meta["layers"])
 
 
+@pytest.mark.stages
 def test_activations_are_written_only_on_request_and_hold_subset_a(workspace):
     tmp, base, cfg, data = workspace
     profile.run(cfg, data)
@@ -109,7 +116,7 @@ def test_activations_are_written_only_on_request_and_hold_subset_a(workspace):
 
 def test_the_artifact_layout_reads_back_what_it_builds(tmp_path):
     """artifacts.iter_variants / iter_teachers invert run_dir / teacher_dir (one home for the layout)."""
-    from common import artifacts
+    from common.artifacts import layout as artifacts
     from common.config import load_config
 
     cfg = load_config(None, [f"artifacts={tmp_path}", "teacher.name=resnet34", "student.name=mobilenetv2"])

@@ -11,18 +11,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from common import quality
+from common.quality import formulas as quality
 from common.errors import ConfigError, DataError
 from common.config import CRITERIA
-from common.quality import (
-    MAX_DIMENSION,
-    class_entropies,
-    draw_subsets,
-    flatten_features,
-    layer_quality,
-    layer_stats,
-    select_layers,
-)
+from common.quality.formulas import MAX_DIMENSION, class_entropies, draw_subsets, flatten_features, layer_quality, layer_stats, select_layers
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN = json.loads((GOLDEN_DIR / "quality.json").read_text())

@@ -1,11 +1,11 @@
-"""Streaming S/I/E/Q (common/quality_stream.py) equals `layer_stats` on the same subsets."""
+"""Streaming S/I/E/Q (common/quality/stream.py) equals `layer_stats` on the same subsets."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from common.quality import layer_stats
-from common.quality_stream import flat_dim, plan_subset_a, plan_subset_b, stream_layer_stats
+from common.quality.formulas import layer_stats
+from common.quality.stream import flat_dim, plan_subset_a, plan_subset_b, stream_layer_stats
 from tests.test_quality import GEN, GOLDEN, STAT_KEYS
 
 

@@ -9,7 +9,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from common import discovery, plots, report, report_stats, table_format, tables
+from common import plots
+from common.artifacts import discovery
+from common.report import runner as report
+from common.report import stats as report_stats
+from common.report import text as table_format
+from common.report import tables
 from common.errors import ConfigError, DataError
 
 PAIR = "resnet34__resnet9"
@@ -209,14 +214,15 @@ def test_write_tables_markdown_and_latex(tmp_path: Path) -> None:
     runs = discovery.find_runs(arts)
     acc = tables.accuracy_table(runs)
     files = table_format.write_tables(acc, tables.epochs_to_target(runs), tables.unfinished_table(runs), tmp_path / "out")
+    # no unfinished run: unfinished.csv (data) but no empty unfinished.md table
     assert set(files) == {"accuracy.csv", "accuracy.md", "accuracy.tex", "epochs_to_target.csv",
-                          "epochs_to_target.md", "unfinished.csv", "unfinished.md"}
-    assert all(p.is_file() for p in files.values())
+                          "epochs_to_target.md", "unfinished.csv"}
+    assert all(p.is_file() for p in files.values()) and not (tmp_path / "out" / "unfinished.md").exists()
     md = files["accuracy.md"].read_text()
-    assert "81.00 ± 0.00" in md and "+5.00" in md
+    assert "| 81.00 " in md and "± 0.00" not in md and "+5.00" in md  # one seed: no std to show
     tex = files["accuracy.tex"].read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex and "kd\\_std" in tex and "resnet34 $\\to$ resnet9" in tex
-    assert "81.00 $\\pm$ 0.00" in tex
+    assert "81.00" in tex and "$\\pm$ 0.00" not in tex
     ari_cell = f"{(5 / (72 - 81)) * 100:.0f}"  # ours' ARI: kd_std has Delta < 0.5 -> n/a
     assert ari_cell not in tex and "n/a" in tex
     body = tex.split("\\midrule", 1)[1]
@@ -256,6 +262,7 @@ def test_plots_are_written(tmp_path: Path) -> None:
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
 
 
+@pytest.mark.stages
 def test_run_end_to_end_and_errors(tmp_path: Path) -> None:
     arts = tmp_path / "artifacts"
     make_run(arts, "ce", 0, [60, 70])
@@ -266,6 +273,7 @@ def test_run_end_to_end_and_errors(tmp_path: Path) -> None:
     out = report.run(arts, tmp_path / "report", methods=["ours"])  # ce is kept for the gains
     assert set(out["accuracy"]["method"]) == {"teacher", "ce", "ours"}
     assert out["unfinished"].empty  # the kd run was filtered out
+    assert "unfinished" not in out["markdown"] and not (tmp_path / "report" / "unfinished.md").exists()
     assert all(Path(p).is_file() for p in out["files"].values()) and len(out["plots"]) == 2
     assert "ours" in out["markdown"]["accuracy"] and "| ce " in out["markdown"]["epochs_to_target"]
     stale = arts / "fashion_mnist" / "resnet34-t1111111"  # a teacher still training: listed, not used
@@ -361,3 +369,24 @@ def test_cells_and_ranks() -> None:
     assert order == ["teacher", "ce", "kd", "ours_ce", "ours"]
     assert report_stats.headroom_floor(float("nan")) == 1.0 and report_stats.headroom_floor(0.8) == pytest.approx(1.6)
     assert plots.safe_filename("tv:resnet18__a b") == "tv_resnet18__a_b"
+
+
+def test_accuracy_md_opens_with_sentences_from_the_numbers_and_explains_ari(tmp_path: Path) -> None:
+    arts = tmp_path / "artifacts"
+    for seed, (ce, kd, ours) in enumerate([(80, 83, 85), (82, 83, 87)]):
+        make_run(arts, "ce", seed, [ce - 1, ce])
+        make_run(arts, "kd", seed, [kd - 1, kd])
+        run_dir = make_run(arts, "ours", seed, [ours - 1, ours])
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config["run"]["teacher_layers"] = [3, 7, 13, 16]  # as stage 2 records the layers it used
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    make_teacher(arts, [88, 90])
+    runs = discovery.find_runs(arts)
+    acc = tables.accuracy_table(runs, teachers=discovery.find_teachers(arts))
+    opening = table_format.opening_sentences(acc, runs)
+    assert opening.startswith("On fashion_mnist, resnet34 → resnet9: ours did best, 86.00 % over 2 seeds, +5.00 points over the CE student.")
+    assert "The teacher reached 90.00 %, a headroom of +9.00 points over the CE student." in opening
+    assert opening.rstrip().endswith("Q chose teacher layers 3, 7, 13, 16.")
+    md = table_format.accuracy_markdown(acc)
+    assert "81.00 ± 1.00" in md  # two seeds: the std is shown
+    assert "ARI (average relative improvement)" in md and "250%" in md  # ours +5 / kd +2

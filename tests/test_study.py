@@ -14,16 +14,21 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from common import discovery, distill, report, report_stats, study, tables
+from common import distill
+from common.artifacts import discovery
+from common.report import runner as report
+from common.report import stats as report_stats
+from common.study import runner as study
+from common.report import tables
 from common.config import load_config, to_dict
-from common.data import load_data
+from common.data.registry import load_data
 from common.errors import ConfigError, DataError
-from common.study_plan import (
-    CONTROL, REFERENCE, SINGLE, arm_config, check_base_config, nearest_student_layer, plan_for, plan_lines, study_plan,
-)
-from common.study_stats import Interval, bootstrap_spearman, difference_sentence, paired_difference, spearman
+from common.study.plan import CONTROL, REFERENCE, SINGLE, arm_config, check_base_config, nearest_student_layer, plan_for, plan_lines, study_plan
+from common.study.stats import Interval, bootstrap_spearman, difference_sentence, paired_difference, spearman
 from tests.fakedata import make_fashion_mnist
 from tests.test_report import make_run, make_teacher
+
+pytestmark = pytest.mark.stages  # starts the stage scripts or runs whole stages
 
 ROOT = Path(__file__).resolve().parent.parent
 NAN = float("nan")

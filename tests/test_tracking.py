@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from common import tracking
+from common.train import tracking
 from common.checks import check_config
 from common.config import load_config
-from common.data import load_data
+from common.data.registry import load_data
 from common.errors import ConfigError
-from common.train import fit
+from common.train.loop import fit
 from tests.fakedata import make_fashion_mnist
 
 
@@ -95,7 +95,7 @@ def test_an_unknown_tracker_is_one_config_error():
 
 
 def test_tracker_is_not_part_of_the_run_key():
-    from common import artifacts
+    from common.artifacts import layout as artifacts
 
     assert artifacts._train_key(load_config(None, ["train.tracker=none"]).train) == artifacts._train_key(load_config(None, []).train)
 
@@ -107,11 +107,12 @@ def test_epoch_scalars_groups_tags():
     }
 
 
+@pytest.mark.stages
 def test_the_profile_writes_its_quality_curve_per_layer(tmp_path):
     """Stage 1 logs S, I, E, Q per layer (step = layer index) for the teacher's tracker."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from common import profile
+    from common.profile import runner as profile
     from tests.test_pipeline import tiny_config
 
     cfg = tiny_config(tmp_path, "teacher_train.epochs=1", "profile.progress=false")

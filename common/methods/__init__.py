@@ -14,7 +14,7 @@ ours+ce, ours+ce+kd, ours_s, ours_i, ours_e, ours_sqrtie. `sp` is the published
 similarity-preserving loss (Tung & Mori 2019, weight 3000, no KD); `sp_ref` is the reference's
 variant that the paper's "Sim. Pres." bars were trained with (cosine matrices, weight 1, + KD).
 One module per family: ce.py, kd.py, feature.py (FitNet family, ours, ablations), sp.py,
-simkd.py, semckd.py; shared pieces in base.py and projectors.py; formulas in common/losses.py;
+simkd.py, semckd.py; shared pieces in base.py and projectors.py; formulas in common/methods/losses.py;
 the hyperparameters in MethodSpec (common/method_spec.py), from which config.py derives the
 `method:` section, so every MethodSpec field but the PRESET_ONLY ones is a `method.<key>=` override.
 """
@@ -26,7 +26,7 @@ from torch import nn
 
 from common.config import MethodConfig
 from common.errors import ConfigError
-from common.layers import generalized_layers, layer_table, resolve_layers
+from common.layers.hooks import generalized_layers, layer_infos, resolve_layers
 from common.method_spec import MethodSpec
 from common.methods import ce, feature, kd, semckd, simkd, sp  # noqa: F401  (registers the presets)
 from common.methods.base import (
@@ -98,7 +98,7 @@ def build_distiller(
         missing = [i for i in teacher_layers if i not in teacher_shapes]
         if missing:
             raise ValueError(f"teacher_shapes lacks layers {missing}")
-        table = layer_table(student, input_shape)
+        table = layer_infos(student, input_shape)
         student_shapes = [tuple(table[i].shape) for i in student_layers]
         teacher_shapes_list = [tuple(teacher_shapes[i]) for i in teacher_layers]
     else:

@@ -19,15 +19,15 @@ from torch import nn
 
 from common.config import CRITERIA
 from common.errors import ConfigError
-from common.layers import forward_with_features
-from common.losses import kd_loss
+from common.layers.hooks import forward_with_features
+from common.methods.losses import kd_loss
 from common.method_spec import MethodSpec
 from common.methods.projectors import PROJECTORS, Shape
 from common.registry import Registry
 
 # "selected": stage 1's selection; a criterion: the profile's top-k by it; "baseline": the
 # teacher's baseline list (METHOD 7). Stage 2 turns a word into indices with
-# common.profile_manifest.Manifest.teacher_layers.
+# common.profile.manifest.Manifest.teacher_layers.
 TEACHER_LAYER_WORDS = ("selected", "baseline", *CRITERIA)
 STUDENT_LAYER_WORDS = ("baseline",)
 

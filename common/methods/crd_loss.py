@@ -41,7 +41,7 @@ CRD_WEIGHT = 0.8  # -b 0.8 in both CRD commands (CFG.CRD.LOSS.FEAT_WEIGHT 0.8)
 # ../shared/reference/cifar100_kd_published.csv): -a 0, no KD. mdistiller's CRD has no KD either.
 CRD_KD_WEIGHT = 0.0
 # "CRD+KD": -a 1 with RepDistiller's DistillKL at --kd_T 4, which includes the T^2 factor.
-# common.losses.kd_loss has no T^2, so this is a weight of CRD_PLUS_KD_KD_WEIGHT * T^2 = 16 there.
+# common.methods.losses.kd_loss has no T^2, so this is a weight of CRD_PLUS_KD_KD_WEIGHT * T^2 = 16 there.
 CRD_PLUS_KD_KD_WEIGHT = 1.0
 CRD_KD_T = 4.0  # --kd_T 4
 

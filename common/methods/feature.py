@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.losses import feature_mse, fkd_loss
+from common.methods.losses import feature_mse, fkd_loss
 from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, KD_T4, FeatureContext, Pair, register_method
 from common.methods.projectors import PairAdapter
 

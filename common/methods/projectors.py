@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from common.losses import adaptive_avg_pool, pooled_side
+from common.methods.losses import adaptive_avg_pool, pooled_side
 from common.registry import Registry
 
 Shape = tuple[int, ...]  # per-sample feature shape: (C, H, W), (T, D) or (D,), told apart by rank

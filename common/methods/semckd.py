@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError, TrainingError
-from common.losses import batch_gram, feature_mse_per_sample, semckd_attention, semckd_loss
+from common.methods.losses import batch_gram, feature_mse_per_sample, semckd_attention, semckd_loss
 from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, KD_T4, FeatureContext, register_method
 from common.methods.projectors import PairAdapter
 

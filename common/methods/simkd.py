@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from common.layers import forward_with_features, modules_after
+from common.layers.hooks import forward_with_features, modules_after
 from common.method_spec import MethodSpec
 from common.methods.base import FEATURE_BASE, KD_T4, BuildContext, Distiller, register_method
 from common.methods.projectors import from_channels_first

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.losses import fkd_loss, similarity_preserving_loss, similarity_preserving_ref_loss
+from common.methods.losses import fkd_loss, similarity_preserving_loss, similarity_preserving_ref_loss
 from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, KD_T4, FeatureContext, Pair, register_method
 
 SP_GAMMA = 3000.0  # Tung & Mori 2019, section 4.1 (CIFAR-10); RepDistiller's CIFAR-100 runs: -b 3000

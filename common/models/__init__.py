@@ -1,6 +1,6 @@
 """Model registry (METHOD 3, 4.2): name -> ModelSpec, and `create_model`.
 
-Every model here is *sequential* (running `common.layers.linearize(model)` in order is
+Every model here is *sequential* (running `common.layers.hooks.linearize(model)` in order is
 `model(x)`), uses no in-place activations, and takes `num_classes`, `in_channels`, `image_size`
 (any size, e.g. 28, 32, 64) and a `width` multiplier for small CPU-sized versions. Width rules:
 ResNet/VGG round(c * width) (at least 1); MobileNetV2 rounds up to a multiple of 8; ViT keeps
@@ -9,7 +9,7 @@ the heads and rounds the head dim (see `common.models.vit.scale_dims`).
 Besides these paper models, `tv:<name>` and `timm:<name>` name any torchvision or timm
 classifier (`common.models.external`); their specs are made on first use and are not listed by
 `MODELS.names()`. Their width is fixed (1.0), and they are not sequential: they carry a
-`common.layers.LayerChain` instead.
+`common.layers.hooks.LayerChain` instead.
 
 `cifar:<name>` names the CIFAR-100 KD benchmark zoo (`common.models.cifar`: RepDistiller's 22
 models, e.g. cifar:resnet32x4, with the public checkpoints' state-dict layout); also made on first

@@ -8,7 +8,7 @@ from torch import nn
 class ChainModel(nn.Module):
     """A model whose forward is exactly its children in registration order.
 
-    common/layers.py relies on this: the linearised module list replays the forward, so a forward
+    common/layers/hooks.py relies on this: the linearised module list replays the forward, so a forward
     can be continued from any generalized layer (detached head, SimKD's teacher head).
     """
 

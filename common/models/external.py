@@ -10,7 +10,7 @@ get their first convolution summed over RGB (1 channel: the network applied to t
 replicated, as `common.models.pretrained` does) or repeated and scaled (timm's rule). In-place
 activations are switched off (same results) so a recorded feature never changes afterwards.
 
-Each built model carries its `LayerChain` (`common.models.discover`): stem + blocks as
+Each built model carries its `LayerChain` (`common.models.tracing`): stem + blocks as
 generalized layers, the classifier as the head. `describe` gives what the registry needs without
 a real build: the layers' shapes from a meta-device forward at the model's default input size,
 hence the baseline list and the family.
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
-from common.models import discover
-from common.models.pretrained import load_checked, read_state_dict, resample_position_embedding
+from common.models import tracing
+from common.models.pretrained import load_matching_state, read_state_dict, resample_position_embedding
 from common.registry import UnknownNameError
 
 LIBRARIES = {"tv": "torchvision", "timm": "timm"}
@@ -167,7 +167,7 @@ def build(name: str, *, num_classes: int, in_channels: int = 3, image_size: int 
     generator = torch.Generator().manual_seed(0)  # the trace input never touches the run's RNG
     x = torch.randn(2, in_channels, image_size, image_size, generator=generator)
     try:
-        model.layer_chain = discover.build_chain(model, x, classifier_of(model), name)
+        model.layer_chain = tracing.build_chain(model, x, classifier_of(model), name)
     except ConfigError:
         raise
     except Exception as exc:
@@ -218,11 +218,11 @@ def describe(name: str) -> Description:
     try:
         with torch.device("meta"):
             model = construct(name, num_classes=10, in_channels=3, image_size=size)
-            calls = discover.layer_calls(model, torch.empty(x_shape), name)
+            calls = tracing.layer_calls(model, torch.empty(x_shape), name)
     except Exception:  # some models compute values while building (torchvision RegNet): on the CPU
         with torch.random.fork_rng(devices=[]):
             model = construct(name, num_classes=10, in_channels=3, image_size=size)
-            calls = discover.layer_calls(model, torch.zeros(x_shape), name)
+            calls = tracing.layer_calls(model, torch.zeros(x_shape), name)
     shapes = tuple(tuple(c.output.shape[1:]) for c in calls.all)
     has_stem = calls.stem is not None
     baseline = baseline_layers(shapes, first_block=1 if has_stem else 0)
@@ -283,7 +283,7 @@ def load_checkpoint(model: nn.Module, path: str, *, name: str) -> None:
             state[key] = adapt_input_weight(have, want.shape[1]).to(have.dtype)
         elif have.dim() == 3 and key.endswith(("pos_embed", "pos_embedding")):
             state[key] = _resample_pos_embed(model, key, have, want)
-    load_checked(model, state, path, name, hint=_hint(name))
+    load_matching_state(model, state, path, name, hint=_hint(name))
 
 
 def _classifier_prefix(model: nn.Module) -> str | None:
@@ -310,7 +310,7 @@ def _resample_pos_embed(model: nn.Module, key: str, have: torch.Tensor, want: to
     try:
         return resample_position_embedding(have, grid)
     except ValueError:
-        return have  # left as it is: load_checked reports the shape
+        return have  # left as it is: load_matching_state reports the shape
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Load LOCAL torchvision ImageNet state-dict files into our CIFAR-style models (METHOD 3).
 
-The readers (`read_state_dict`, `load_checked`) also serve torchvision/timm models by name
+The readers (`read_state_dict`, `load_matching_state`) also serve torchvision/timm models by name
 (`common.models.external.load_checkpoint`).
 
 Nothing is ever downloaded: `path` is a file the user placed on disk (e.g. resnet34-333f7ec4.pth,
@@ -71,7 +71,7 @@ def read_state_dict(path: str, arch: str, hint: str | None = None) -> StateDict:
     return dict(state)
 
 
-def load_checked(model: nn.Module, state: StateDict, path: str, arch: str, hint: str | None = None) -> None:
+def load_matching_state(model: nn.Module, state: StateDict, path: str, arch: str, hint: str | None = None) -> None:
     """Strict load, with key and shape mismatches reported in one line."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -115,7 +115,7 @@ def load_resnet(model: nn.Module, path: str) -> None:
     state["conv1.weight"] = nn.init.kaiming_normal_(conv1, mode="fan_out", nonlinearity="relu")
     state["fc.weight"] = nn.init.normal_(torch.empty_like(model.fc.weight), 0.0, 0.01)
     state["fc.bias"] = torch.zeros_like(model.fc.bias)
-    load_checked(model, state, path, arch)
+    load_matching_state(model, state, path, arch)
 
 
 def load_vgg(model: nn.Module, path: str) -> None:
@@ -135,7 +135,7 @@ def load_vgg(model: nn.Module, path: str) -> None:
     state["classifier.0.weight"] = nn.init.normal_(torch.empty_like(model.classifier[0].weight), 0.0, 0.01)
     state["classifier.6.weight"] = nn.init.normal_(torch.empty_like(model.classifier[6].weight), 0.0, 0.01)
     state["classifier.6.bias"] = torch.zeros_like(model.classifier[6].bias)
-    load_checked(model, state, path, arch)
+    load_matching_state(model, state, path, arch)
 
 
 # torchvision VisionTransformer key prefixes -> ours (METHOD 3.4); the first match wins.
@@ -212,4 +212,4 @@ def load_vit(model: nn.Module, path: str) -> None:
     except ValueError as exc:
         raise _fail(path, arch, str(exc)) from None
     state["head.weight"], state["head.bias"] = model.head.weight.detach(), model.head.bias.detach()
-    load_checked(model, state, path, arch)
+    load_matching_state(model, state, path, arch)

@@ -3,7 +3,7 @@
 Module names follow torchvision (conv1, bn1, layer1.0.conv1, layer2.0.downsample.0, ..., fc), so
 an ImageNet state dict maps directly (common/models/pretrained.py). The model is *sequential*:
 `forward` applies the registered children in order (conv1, bn1, relu, [maxpool], layer1..layer4,
-avgpool, flatten, fc), which is what common/layers.py relies on. Generalized layers (METHOD 4.2):
+avgpool, flatten, fc), which is what common/layers/hooks.py relies on. Generalized layers (METHOD 4.2):
 stem ReLU, every BasicBlock, Flatten.
 """
 from __future__ import annotations

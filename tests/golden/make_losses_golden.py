@@ -1,4 +1,4 @@
-"""Write tests/golden/losses.json: inputs and expected values for every loss in common/losses.py.
+"""Write tests/golden/losses.json: inputs and expected values for every loss in common/methods/losses.py.
 
 Computed independently in numpy float64 straight from the formulas of METHOD 8.2-8.6 (no torch,
 no import of the code under test). Rerun only when a formula is meant to change:

@@ -2,7 +2,7 @@
 
 The expected values come from an INDEPENDENT float64 numpy re-derivation written directly from
 the pseudocode of ../shared/METHOD.md 6.4-6.6 (brute-force |cos| and distance matrices, numpy
-SVD), never from `common.quality`. Inputs are regenerated from the case specs with numpy's
+SVD), never from `common.quality.formulas`. Inputs are regenerated from the case specs with numpy's
 legacy `RandomState` (a frozen stream), so the JSON stores only specs, a checksum and results.
 
     .venv/bin/python tests/golden/make_quality_golden.py

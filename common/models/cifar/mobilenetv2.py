@@ -12,7 +12,7 @@ The reference pools with AvgPool2d(input_size // 16, ceil_mode=True), a 2x2 wind
 inputs; here AdaptiveAvgPool2d(1), the same global mean at 32 px, which also lets 64 px inputs
 through (the reference's 2x2 window would leave a 2x2 map there and break the classifier).
 
-Sequential (common/layers.py): conv1, blocks, conv2, avgpool, flatten, classifier run in order.
+Sequential (common/layers/hooks.py): conv1, blocks, conv2, avgpool, flatten, classifier run in order.
 Generalized layers (METHOD 4.1): the stem ReLU, every InvertedResidual, the conv2 ReLU, the
 Flatten: 20, the same partition as the paper's MobileNetV2.
 """
@@ -110,7 +110,7 @@ class CifarMobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The children in registration order, the ModuleList's stages one after another: this is
-        # what common.layers.linearize lists.
+        # what common.layers.hooks.linearize lists.
         x = self.conv1(x)
         for stage in self.blocks:
             x = stage(x)

@@ -14,7 +14,7 @@ shuffle (groups 1) is the identity. The reference's depthwise conv is followed b
 The reference ends with F.avg_pool2d(x, 4), sized for the 4x4 map of 32 px inputs; here
 AdaptiveAvgPool2d(1), the same at 32 px, which also lets 64 px inputs work.
 
-Sequential (common/layers.py): the stem ReLU, the pool and the Flatten are parameter-free
+Sequential (common/layers/hooks.py): the stem ReLU, the pool and the Flatten are parameter-free
 children in forward order (the state-dict keys are unchanged). Generalized layers: the stem
 ReLU, each Bottleneck, the Flatten: 18.
 """

@@ -12,7 +12,7 @@ right = 1x1-BN-ReLU, depthwise 3x3/2-BN, 1x1-BN-ReLU; concat(left, right), shuff
 The reference ends with F.avg_pool2d(x, 4), sized for the 4x4 map of 32 px inputs; here
 AdaptiveAvgPool2d(1), the same at 32 px, which also lets 64 px inputs work.
 
-Sequential (common/layers.py): the ReLUs, the pool and the Flatten are parameter-free children in
+Sequential (common/layers/hooks.py): the ReLUs, the pool and the Flatten are parameter-free children in
 forward order (the state-dict keys are unchanged). DownBlock's class name is not one METHOD 4.1
 lists, so it carries `is_generalized_layer`. Generalized layers: the stem ReLU, each DownBlock and
 BasicBlock, the conv2 ReLU, the Flatten: 19.

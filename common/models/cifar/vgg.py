@@ -9,7 +9,7 @@ Forward, as the reference's: ReLU after every block, MaxPool(2, 2) after blocks 
 max-pool after block 3 only for 64 px inputs (`if h == 64: pool3`), so block 3 and block 4 both
 give 4x4 maps at 32 px; then global average pool, flatten, classifier.
 
-The model is *sequential* (common/layers.py): the block-ending ReLUs, the pools and the Flatten
+The model is *sequential* (common/layers/hooks.py): the block-ending ReLUs, the pools and the Flatten
 are registered as parameter-free children in forward order, which leaves the state-dict keys
 untouched. Generalized layers (METHOD 4.1 rule 2, as for the paper's VGGs): every conv ReLU,
 then the Flatten; the head is the classifier Linear.
@@ -56,7 +56,7 @@ class PoolAt64(nn.Module):
     """MaxPool(2, 2) only where the reference applies `pool3`: on a 64 px input, whose map is
     8x8 here after three halvings. At 32 px (4x4 here) it passes the map on, as the reference.
 
-    A leaf on purpose: common.layers.linearize expands user modules with children, which would
+    A leaf on purpose: common.layers.hooks.linearize expands user modules with children, which would
     list a bare, unconditional MaxPool2d.
     """
 
