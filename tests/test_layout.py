@@ -26,7 +26,7 @@ PACKAGES = {
     "layers": {"hooks", "tables"},
     "profile": {"runner", "teacher", "stats", "manifest", "features"},
     "quality": {"formulas", "stream"},
-    "report": {"runner", "stats", "tables", "text", "page", "exports"},
+    "report": {"runner", "stats", "tables", "text", "page", "exports", "published"},
     "study": {"__main__", "runner", "plan", "stats", "text"},
     "train": {"loop", "recipes", "distributed", "tracking", "teacher_source"},
 }

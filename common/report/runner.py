@@ -6,6 +6,7 @@ This module only orchestrates; each concept has its own home:
     common/report/stats.py         the formulas: mean ± population std, ARI, epochs to target,
                                    baseline matching, the headroom rule
     common/report/tables.py        accuracy, headroom, epochs-to-target and unfinished tables (DataFrames)
+    common/report/published.py     the CIFAR-100 top-1 published for the standard pairs (CRD, DKD tables)
     common/report/text.py          their Markdown and LaTeX, the opening sentences, the table files
     common/plots.py                accuracy curves and the S/I/E/Q profile figure
     common/report/exports.py       the table of exported students (once `make export` has run)

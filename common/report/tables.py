@@ -4,7 +4,8 @@
   accuracy (the paper's protocol: model selection on the test set), last-epoch accuracy and,
   with a validation split, the test accuracy at the best validation epoch; mean and population
   std (ddof=0); the gain over the matched CE student; ARI on the rows of ours; one teacher row
-  per pair, whose gain is its headroom;
+  per pair, whose gain is its headroom; the published top-1 of the same pair and method where
+  the CRD / DKD tables have one (`common.report.published`);
 * `headroom_table`: teacher minus CE student per pair, with the verdict of
   `report_stats.headroom_too_small` in words;
 * `epochs_to_target`: epochs and wall-clock time to reach the CE student's best accuracy;
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from common.artifacts.discovery import finished_runs, read_metrics
+from common.report.published import published_top1
 from common.report.stats import BASELINE, OURS, TEACHER, ari, ari_text, drop_outlier_runs, epochs_to_reach, headroom_too_small, is_competitor, match_baseline, mean_std, method_rank
 from common.report.text import headroom_sentence
 
@@ -31,7 +33,7 @@ _STATS = {"best": "best_test_acc", "last": "last_test_acc", "best_val": "test_at
 ACCURACY_COLUMNS = [
     "dataset", "pair", "teacher", "student", "method", "variant", "n_runs", "n_dropped",
     "best_mean", "best_std", "last_mean", "last_std", "best_val_mean", "best_val_std",
-    "ce_variant", "gain_best", "gain_last", "gain_best_val", "ari", "ari_text",
+    "ce_variant", "gain_best", "gain_last", "gain_best_val", "ari", "ari_text", "published", "published_source",
 ]
 HEADROOM_COLUMNS = [
     "dataset", "pair", "teacher_variant", "teacher_acc", "ce_variant", "ce_mean", "ce_std", "n_ce",
@@ -62,6 +64,8 @@ def accuracy_table(
     (mean minus the matched CE mean, points), ari / ari_text (on the rows of `ours` only; see
     `ari`, `is_competitor`). Teacher rows: method 'teacher', the teacher's best-epoch accuracy
     (from `teachers`, see `find_teachers`), std NaN (a single run, as the paper reports it).
+    published / published_source: the CIFAR-100 top-1 the CRD or DKD tables report for this
+    pair and method, and its citation (`published_top1`); NaN and '' elsewhere.
     """
     done = finished_runs(runs)
     rows = []
@@ -82,6 +86,7 @@ def accuracy_table(
     table = pd.DataFrame(rows + _teacher_rows(done, teachers))
     table = _add_gains(table)  # the teacher's gain is its headroom over the CE student (METHOD 0.10)
     table = _add_ari(table, ours, competitors)
+    table = _add_published(table)
     table["_rank"] = table["method"].map(lambda m: method_rank(m, ours))
     table = table.sort_values(["dataset", "pair", "_rank", "method", "variant"], ignore_index=True)
     return table[ACCURACY_COLUMNS]
@@ -117,6 +122,14 @@ def _add_ari(table: pd.DataFrame, ours: str, competitors: Iterable[str] | None) 
             value = ari(float(table.at[idx, "gain_best"]), deltas)
             table.at[idx, "ari"] = value
             table.at[idx, "ari_text"] = ari_text(value)
+    return table
+
+
+def _add_published(table: pd.DataFrame) -> pd.DataFrame:
+    table = table.copy()
+    found = [published_top1(r.dataset, r.teacher, r.student, r.method) for r in table.itertuples()]
+    table["published"] = [p.top1 if p is not None else float("nan") for p in found]
+    table["published_source"] = [p.source if p is not None else "" for p in found]
     return table
 
 

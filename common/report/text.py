@@ -16,6 +16,7 @@ import pandas as pd
 
 from common.artifacts.layout import split_pair
 from common.files import atomic_write, atomic_write_text
+from common.report.published import numbered_sources
 from common.report.stats import (
     ARI_CUTOFF, ARI_MAX, BASELINE, HEADROOM_MIN_POINTS, HEADROOM_STD_FACTOR, OURS, TEACHER, headroom_floor, headroom_too_small,
 )
@@ -67,16 +68,29 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 # ----------------------------------------------------------------------------- accuracy
 
 
+def _published_numbers(table: pd.DataFrame) -> dict[str, int]:
+    """The sources of the rows with a published number -> footnote number; empty when no row
+    has one (then neither the column nor the footnote is shown)."""
+    if "published" not in table:
+        return {}
+    return numbered_sources(list(table.loc[table["published"].notna(), "published_source"]))
+
+
 def _accuracy_cells(table: pd.DataFrame, sep: str) -> tuple[list[str], list[list[str]]]:
     has_val = table["best_val_mean"].notna().any()
-    headers = ["dataset", "pair", "method", "n", "best (%)", "last (%)"]
+    sources = _published_numbers(table)
+    headers = ["dataset", "pair", "method", "n", "best (%)"]
+    headers += ["published (%)"] if sources else []
+    headers += ["last (%)"]
     headers += ["test@best val (%)"] if has_val else []
     headers += ["gain vs ce", "ARI"]
     rows = []
     for _, r in table.iterrows():
         n = str(r["n_runs"]) + (f" ({r['n_dropped']} dropped)" if r["n_dropped"] else "")
-        cells = [r["dataset"], pair_label(r["pair"]), method_label(r, table), n,
-                 pm_cell(r["best_mean"], r["best_std"], sep, r["n_runs"]), pm_cell(r["last_mean"], r["last_std"], sep, r["n_runs"])]
+        cells = [r["dataset"], pair_label(r["pair"]), method_label(r, table), n, pm_cell(r["best_mean"], r["best_std"], sep, r["n_runs"])]
+        if sources:
+            cells += ["-" if pd.isna(r["published"]) else f"{r['published']:.2f} [{sources[r['published_source']]}]"]
+        cells += [pm_cell(r["last_mean"], r["last_std"], sep, r["n_runs"])]
         cells += [pm_cell(r["best_val_mean"], r["best_val_std"], sep, r["n_runs"])] if has_val else []
         gain = number_cell(r["gain_best"], "{:+.2f}")
         gain += " (headroom)" if r["method"] == TEACHER and gain != "-" else ""
@@ -85,11 +99,26 @@ def _accuracy_cells(table: pd.DataFrame, sep: str) -> tuple[list[str], list[list
     return headers, rows
 
 
+def published_footnote(table: pd.DataFrame) -> str:
+    """The line under the accuracy table that names each source of the published column once,
+    by the number its cells carry; '' when no row has a published number."""
+    sources = _published_numbers(table)
+    if not sources:
+        return ""
+    cited = "; ".join(f"[{n}] {source}" for source, n in sources.items())
+    return (f"published: CIFAR-100 top-1 as reported by {cited}. Other recipes and seeds than yours: "
+            "compare the gap, not the decimals.")
+
+
 def accuracy_markdown(table: pd.DataFrame) -> str:
     """Mean ± population std over finished runs; gain = best-epoch mean minus the CE student's;
-    a line under the table says what the ARI column means when it holds a value."""
+    a line under the table says what the ARI column means when it holds a value, and one names
+    the sources of the published column when it is shown."""
     headers, rows = _accuracy_cells(table, " ± ")
     text = markdown_table(headers, rows)
+    footnote = published_footnote(table)
+    if footnote:
+        text += f"\n{footnote}\n"
     if table["ari"].notna().any():
         text += (f"\nARI (average relative improvement): the gain of {OURS} over the CE student divided by each competitor's "
                  f"gain, averaged over the competitors that gained at least {ARI_CUTOFF:g} points; 200% means twice their "
@@ -162,7 +191,11 @@ def accuracy_latex(table: pd.DataFrame, caption: str = "Top-1 test accuracy (\\%
         tex = [latex_escape(c).replace(placeholder, " $\\pm$ ") for c in cells]
         tex[1] = " $\\to$ ".join(latex_escape(part) for part in (split_pair(str(r["pair"])) or (str(r["pair"]),)))
         lines.append(" & ".join(tex) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}", f"\\caption{{{caption}}}", "\\end{table}"]
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    footnote = published_footnote(table)
+    if footnote:
+        lines += ["\\par\\smallskip{\\footnotesize " + latex_escape(footnote) + "}"]
+    lines += [f"\\caption{{{caption}}}", "\\end{table}"]
     return "\n".join(lines) + "\n"
 
 
