@@ -24,7 +24,7 @@ from common.errors import ConfigError
 from common.runtime import ram_budget, versions
 from common.layers.hooks import resolve_layers
 from common.method_spec import MethodSpec
-from common.methods import build_distiller, resolve_method
+from common.methods import build_distiller, resolve_run_method
 from common.models import MODELS, create_model
 from common.profile import runner as profile
 from common.layers.tables import layer_shapes, layer_infos_for
@@ -129,7 +129,7 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     distributed.local_batch_size(cfg.train.batch_size, ranks)  # a batch that does not split is a config error, checked first
     device = distributed.device_for(ranks, resolve_device(cfg.train.device))
     distributed.init(ranks, device)
-    spec = resolve_method(cfg.method)
+    spec = resolve_run_method(cfg)
     needs_teacher = spec.needs_teacher
     teacher_layers: list[int] = []
     student_layers: list[int] = []
@@ -242,6 +242,7 @@ def _fit_student(
     ranks: Ranks,
 ) -> FitResult:
     seed = train_cfg.seed
+    train_rows = data.training_subset(train_cfg.train_subset, cfg.dataset.split_seed)
     seed_everything(seed)
     student = create_model(
         cfg.student.name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, width=cfg.student.width
@@ -256,6 +257,8 @@ def _fit_student(
         teacher_shapes=teacher_shapes,
         teacher=teacher_model,
         batch_size=train_cfg.batch_size,
+        train_rows=torch.as_tensor(train_rows),
+        train_labels=data.train.labels,
     )
     model_spec = MODELS.get(cfg.student.name)
     lr = train_cfg.lr if train_cfg.lr is not None else (model_spec.lr_kd if spec.needs_teacher else model_spec.lr_ce)
@@ -265,7 +268,7 @@ def _fit_student(
         train_cfg,
         rdir,
         lr=lr,
-        train_indices=data.training_subset(train_cfg.train_subset, cfg.dataset.split_seed),
+        train_indices=train_rows,
         teacher=source,
         weights_of=student,
         desc=f"{spec.name} s{seed}",

@@ -39,6 +39,11 @@ class MethodSpec:
     projector: str  # conv1x1 | three_layer | none
     detach_head: bool  # METHOD 8.1 SeperateLinear: no logit loss reaches the backbone
     teacher_head: bool = _preset_only()  # SimKD: logits from a trainable copy of the teacher's modules after its last distilled layer
+    logit_loss: str = _preset_only()  # kd (Hinton, `kd_weight` x KL at `kd_temperature`) | dkd (decoupled KD)
+    dkd_alpha: float  # DKD's TCKD weight (dkd only)
+    dkd_beta: float | None  # DKD's NCKD weight; None: the DKD paper's value for the teacher/student pair (dkd only)
+    dkd_warmup: int  # epochs of DKD's linear warm-up of the logit loss; 0: none (dkd only)
+    crd_negatives: int  # CRD's negatives per sample from the memory bank (feature loss crd only)
 
     # What the method takes from the teacher, declared once here; stage 2 builds only that.
     @property

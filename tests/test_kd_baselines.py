@@ -362,3 +362,123 @@ def test_sample_negatives_bad_inputs():
         C.sample_negatives(torch.tensor([0]), None, 3)
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         C.sample_negatives(torch.tensor([5]), None, 3, n_data=5)
+
+
+# ----------------------------------------------------------------------------- the presets, through the one loop
+
+
+def _tiny_pair():
+    from tests.test_methods import INPUT, NUM_CLASSES, TEACHER_SHAPES, toy_student, toy_teacher
+
+    return INPUT, NUM_CLASSES, TEACHER_SHAPES, toy_student, toy_teacher
+
+
+@pytest.mark.parametrize("epoch, factor", [(1, 1 / 20), (10, 0.5), (20, 1.0), (35, 1.0)])
+def test_dkd_preset_is_ce_plus_the_warmed_up_dkd_term(epoch, factor):
+    from common.config import MethodConfig
+    from common.methods import build_distiller, resolve_method
+    from common.methods.base import Step
+
+    INPUT, N, _, toy_student, toy_teacher = _tiny_pair()
+    spec = resolve_method(MethodConfig(name="dkd"))
+    assert (spec.ce_weight, spec.kd_weight, spec.kd_temperature, spec.dkd_alpha, spec.dkd_warmup) == (1.0, 1.0, 4.0, 1.0, 20)
+    torch.manual_seed(0)
+    distiller = build_distiller(spec, toy_student(), num_classes=N, input_shape=INPUT, teacher_layers=[], student_layers=[], teacher_shapes={})
+    images, labels, t_logits = torch.randn(8, *INPUT), torch.randint(0, N, (8,)), torch.randn(8, N)
+    logits, losses = distiller.forward_train(images, labels, {}, t_logits, Step(torch.arange(8), epoch))
+    assert set(losses) == {"ce", "dkd"}
+    expected = factor * D.dkd_loss(logits, t_logits, labels, alpha=1.0, beta=D.DKD_BETA_DEFAULT, T=4.0)
+    torch.testing.assert_close(losses["dkd"], expected)
+    torch.testing.assert_close(losses["ce"], torch.nn.functional.cross_entropy(logits, labels))
+    with pytest.raises(ValueError, match="step="):
+        distiller.forward_train(images, labels, {}, t_logits)
+
+
+@pytest.mark.parametrize("teacher, student, beta", [("cifar:resnet32x4", "cifar:resnet8x4", 8.0), ("cifar:vgg13", "cifar:vgg8", 6.0),
+                                                    ("cifar:resnet56", "cifar:resnet20", 2.0), ("resnet34", "resnet9", 8.0)])
+def test_dkd_beta_is_the_papers_for_the_pair_unless_set(teacher, student, beta):
+    from common.config import load_config
+    from common.methods import resolve_run_method
+
+    cfg = load_config(None, ["method.name=dkd", f"teacher.name={teacher}", f"student.name={student}"])
+    assert resolve_run_method(cfg).dkd_beta == beta
+    cfg = load_config(None, ["method.name=dkd", f"teacher.name={teacher}", f"student.name={student}", "method.dkd_beta=3"])
+    assert resolve_run_method(cfg).dkd_beta == 3.0
+    assert resolve_run_method(load_config(None, ["method.name=kd"])).dkd_beta is None  # untouched for other methods
+
+
+@pytest.mark.parametrize("key, value, match", [("dkd_warmup", "-1", "integer >= 0"), ("dkd_beta", "-2", "finite number"),
+                                               ("crd_negatives", "0", "integer >= 1"), ("kd_standardize", "true", "does not apply to dkd")])
+def test_bad_dkd_and_crd_values_are_one_config_error(key, value, match):
+    from common.config import load_config
+    from common.methods import resolve_method
+
+    method = "crd" if key.startswith("crd") else "dkd"
+    with pytest.raises(ConfigError, match=match):
+        resolve_method(load_config(None, [f"method.name={method}", f"method.{key}={value}"]).method)
+
+
+def test_crd_preset_embeds_the_penultimate_pair_and_updates_its_bank_rows():
+    from common.config import MethodConfig
+    from common.layers.hooks import extract
+    from common.methods import build_distiller, resolve_method
+    from common.methods.base import Step
+
+    INPUT, N, SHAPES, toy_student, toy_teacher = _tiny_pair()
+    spec = resolve_method(MethodConfig(name="crd", crd_negatives=6))
+    assert (spec.ce_weight, spec.feature_weight, spec.kd_weight, spec.teacher_layers, spec.student_layers) == (1.0, 0.8, 0.0, (-1,), (-1,))
+    assert resolve_method(MethodConfig(name="crd+kd")).kd_weight == 16.0  # RepDistiller's -a 1 on a T^2-scaled KL
+    torch.manual_seed(0)
+    teacher = toy_teacher().eval()
+    rows = torch.arange(10, 50)  # a training subset: the bank has one entry per row of it
+    labels_all = torch.arange(60) % N
+    distiller = build_distiller(spec, toy_student(), num_classes=N, input_shape=INPUT, teacher_layers=[4], student_layers=[3],
+                                teacher_shapes=SHAPES, train_rows=rows, train_labels=labels_all)
+    memory = distiller.feature_term.loss.memory
+    assert memory.memory_student.shape == (40, 128)
+    batch = rows[[0, 5, 7, 20]]
+    images = torch.randn(4, *INPUT)
+    with torch.no_grad():
+        features = extract(teacher, images, [4])
+    before = memory.memory_student.clone()
+    _, losses = distiller.forward_train(images, labels_all[batch], features, None, Step(batch, 1))
+    assert set(losses) == {"ce", "feat"} and torch.isfinite(losses["feat"]) and losses["feat"] > 0
+    changed = (memory.memory_student != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [0, 5, 7, 20]  # bank positions of the batch's rows, nothing else
+    with pytest.raises(ValueError, match="outside the training rows"):
+        distiller.forward_train(images, labels_all[:4], features, None, Step(torch.tensor([0, 1, 2, 3]), 1))
+    with pytest.raises(ConfigError, match="one layer pair"):
+        build_distiller(spec, toy_student(), num_classes=N, input_shape=INPUT, teacher_layers=[3, 4], student_layers=[2, 3],
+                        teacher_shapes=SHAPES, train_rows=rows, train_labels=labels_all)
+
+
+@pytest.mark.stages
+@pytest.mark.parametrize("method", ["dkd", "crd"])
+def test_dkd_and_crd_train_through_stage_2(tmp_path_factory, method):
+    """The one loop hands each method its step: a tiny stage-2 run of each, twice the same numbers."""
+    import pandas as pd
+    import yaml
+
+    from common import distill
+    from tests.test_pipeline import tiny_config
+
+    tmp = tmp_path_factory.getbasetemp() / "kd_baselines_stage2"  # one teacher for both methods
+    cfg = tiny_config(tmp, f"method.name={method}", "method.crd_negatives=32", "train.train_subset=100")
+    result = distill.run(cfg, seeds=[0])[0]
+    metrics = pd.read_csv(result.dir / "metrics.csv")
+    assert (result.dir / "done").exists() and len(metrics) == 2
+    term = "loss_dkd" if method == "dkd" else "loss_feat"
+    assert metrics[term].gt(0).all() and metrics["loss_ce"].gt(0).all()
+    resolved = yaml.safe_load((result.dir / "config.yaml").read_text())
+    if method == "dkd":
+        assert resolved["method"]["dkd_beta"] == 8.0 and resolved["run"]["teacher_layers"] == []
+        # warm-up: epoch 2 weighs the DKD term twice epoch 1's (2/20 vs 1/20), for similar raw values
+        assert metrics["loss_dkd"].iloc[1] > metrics["loss_dkd"].iloc[0]
+    else:
+        from common.data import load_data
+        from common.layers.tables import layer_infos_for
+
+        data = load_data(cfg.dataset)
+        n_teacher, n_student = (len(layer_infos_for(m, data)) for m in (cfg.teacher, cfg.student))
+        # the penultimate features: the last generalized layer of each, the vector the head reads
+        assert resolved["run"]["teacher_layers"] == [n_teacher - 1] and resolved["run"]["student_layers"] == [n_student - 1]

@@ -14,6 +14,7 @@ from common.config import MethodConfig, load_config
 from common.errors import ConfigError, TrainingError
 from common.layers.hooks import extract, generalized_layers, layer_infos, linearize, modules_after
 from common.method_spec import SPEC_FIELDS, override_fields
+from common.methods.base import Step
 from common.methods import METHODS, build_distiller, resolve_method
 from common.methods.projectors import PairAdapter, from_channels_first, to_channels_first
 from common.registry import UnknownNameError
@@ -44,13 +45,22 @@ def toy_teacher() -> nn.Sequential:
 TEACHER_SHAPES = {info.index: info.shape for info in layer_infos(toy_teacher(), INPUT)}
 
 
-def setup(name: str, student_layers=STUDENT_LAYERS, teacher_layers=TEACHER_LAYERS, batch_size=BATCH, **overrides):
+# What the loop hands every method per batch: the batch's dataset rows and the 1-based epoch.
+STEP = Step(torch.arange(BATCH), epoch=1)
+PENULTIMATE = ([3], [4])  # student, teacher: the pooled vectors the heads read (crd's one pair)
+
+
+def setup(name: str, student_layers=None, teacher_layers=None, batch_size=BATCH, **overrides):
     torch.manual_seed(0)
     spec = resolve_method(MethodConfig(name=name, **overrides))
+    crd = spec.feature_loss == "crd"
+    student_layers = student_layers or (PENULTIMATE[0] if crd else STUDENT_LAYERS)
+    teacher_layers = teacher_layers or (PENULTIMATE[1] if crd else TEACHER_LAYERS)
     teacher, student = toy_teacher().eval(), toy_student()
     distiller = build_distiller(
         spec, student, num_classes=NUM_CLASSES, input_shape=INPUT, teacher_layers=list(teacher_layers),
         student_layers=list(student_layers), teacher_shapes=TEACHER_SHAPES, teacher=teacher, batch_size=batch_size,
+        train_rows=torch.arange(BATCH), train_labels=torch.arange(BATCH) % NUM_CLASSES,
     )
     images, labels = torch.randn(batch_size, *INPUT), torch.randint(0, NUM_CLASSES, (batch_size,))
     with torch.no_grad():
@@ -98,16 +108,17 @@ def test_toy_models_are_sequential():
 def test_every_preset_trains_and_evaluates(name):
     distiller, teacher, (images, labels, features, teacher_logits) = setup(name)
     spec = distiller.spec
-    logits, losses = distiller.forward_train(images, labels, features, teacher_logits)
+    logits, losses = distiller.forward_train(images, labels, features, teacher_logits, STEP)
     assert logits.shape == (BATCH, NUM_CLASSES)
-    expected = {"ce"} | ({"kd"} if spec.kd_weight else set()) | ({"feat"} if spec.feature_loss != "none" else set())
+    logit_term = "dkd" if spec.logit_loss == "dkd" else "kd"
+    expected = {"ce"} | ({logit_term} if spec.kd_weight else set()) | ({"feat"} if spec.feature_loss != "none" else set())
     assert set(losses) == expected
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
     assert spec.needs_teacher_logits == (spec.kd_weight > 0)
-    assert distiller.teacher_layers == ([] if spec.feature_loss == "none" else TEACHER_LAYERS)
+    assert distiller.teacher_layers == ([] if spec.feature_loss == "none" else PENULTIMATE[1] if spec.feature_loss == "crd" else TEACHER_LAYERS)
     distiller.eval()
     with torch.no_grad():
         assert distiller.forward_eval(images).shape == (BATCH, NUM_CLASSES)
@@ -407,7 +418,7 @@ def test_every_method_hyperparameter_is_a_config_override():
     method key exists, so a new hyperparameter needs no second declaration in config.py."""
     keys = [f.name for f in override_fields()]
     assert [f.name for f in dataclasses.fields(MethodConfig)] == ["name", *keys]
-    assert set(SPEC_FIELDS) - set(keys) == {"name", "feature_loss", "teacher_head"}
+    assert set(SPEC_FIELDS) - set(keys) == {"name", "feature_loss", "teacher_head", "logit_loss"}
     ours = METHODS.get("ours").spec
     for key in keys:
         for value in _other_values(key, getattr(ours, key)):

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
-from common.config import MethodConfig
+from common.config import Config, MethodConfig
 from common.errors import ConfigError
 from common.layers.hooks import generalized_layers, layer_infos, resolve_layers
 from common.method_spec import MethodSpec
-from common.methods import ce, feature, kd, semckd, simkd, sp  # noqa: F401  (registers the presets)
+from common.methods import ce, crd, dkd, feature, kd, semckd, simkd, sp  # noqa: F401  (registers the presets)
 from common.methods.base import (
     FEATURE_LOSSES,
     MAPPINGS,
@@ -39,11 +40,12 @@ from common.methods.base import (
     MethodPreset,
     validate_spec,
 )
+from common.methods.dkd_loss import dkd_beta
 from common.methods.projectors import PROJECTORS
 
 __all__ = [
     "FEATURE_LOSSES", "MAPPINGS", "METHODS", "PROJECTORS", "Distiller", "MethodPreset",
-    "build_distiller", "resolve_method",
+    "build_distiller", "resolve_method", "resolve_run_method",
 ]
 
 
@@ -68,6 +70,16 @@ def resolve_method(cfg: MethodConfig) -> MethodSpec:
     return spec
 
 
+def resolve_run_method(cfg: Config) -> MethodSpec:
+    """`resolve_method(cfg.method)` with the values that depend on the teacher/student pair filled
+    in, as stage 2 trains and hashes it: DKD's beta, when not set, is the DKD paper's for the pair
+    (`dkd_loss.dkd_beta`, 8 for pairs it did not run)."""
+    spec = resolve_method(cfg.method)
+    if spec.logit_loss == "dkd" and spec.dkd_beta is None:
+        spec = dataclasses.replace(spec, dkd_beta=dkd_beta(cfg.teacher.name, cfg.student.name))
+    return spec
+
+
 def build_distiller(
     spec: MethodSpec,
     student: nn.Module,
@@ -79,6 +91,8 @@ def build_distiller(
     teacher_shapes: dict[int, tuple[int, ...]],
     teacher: nn.Module | None = None,
     batch_size: int | None = None,
+    train_rows: torch.Tensor | None = None,
+    train_labels: torch.Tensor | None = None,
 ) -> Distiller:
     """The Distiller running `spec` on `student`, on the student's device.
 
@@ -87,6 +101,8 @@ def build_distiller(
     layer's feature ((C,H,W), (D,) or ViT (T,D)). teacher: only for SimKD (its head modules are
     copied; the teacher itself is never registered). batch_size: the training batch size, needed
     by semckd (its attention MLPs take a Gram row of that width; train with drop_last).
+    train_rows / train_labels: the dataset indices of the training rows and the labels of the whole
+    training split, needed by crd (its memory bank holds one entry per training row).
     """
     validate_spec(spec)
     preset = METHODS.get(spec.name)
@@ -107,12 +123,14 @@ def build_distiller(
         num_classes=num_classes, input_shape=tuple(input_shape), student_layers=list(student_layers),
         teacher_layers=list(teacher_layers), student_shapes=student_shapes, teacher_shapes=teacher_shapes_list,
         teacher=teacher if spec.teacher_head else None, batch_size=batch_size,
+        train_rows=train_rows, train_labels=train_labels,
     )
     feature_term = None
     if has_features:
         pairs = MAPPINGS[spec.mapping](len(student_layers), len(teacher_layers))
         feature_term = FEATURE_LOSSES.get(spec.feature_loss)(
-            FeatureContext(spec, context.student_layers, context.teacher_layers, student_shapes, teacher_shapes_list, pairs, batch_size)
+            FeatureContext(spec, context.student_layers, context.teacher_layers, student_shapes, teacher_shapes_list, pairs, batch_size,
+                           train_rows, train_labels)
         )
     device = next(student.parameters()).device
     if feature_term is not None:

@@ -20,6 +20,8 @@ from torch import nn
 from common.config import CRITERIA
 from common.errors import ConfigError
 from common.layers.hooks import forward_with_features
+from common.methods.crd_loss import CRD_N_NEGATIVES
+from common.methods.dkd_loss import DKD_ALPHA, DKD_BETA_DEFAULT, DKD_WARMUP_EPOCHS, dkd_loss, dkd_warmup
 from common.methods.losses import kd_loss
 from common.method_spec import MethodSpec
 from common.methods.projectors import PROJECTORS, Shape
@@ -28,6 +30,7 @@ from common.registry import Registry
 # "selected": stage 1's selection; a criterion: the profile's top-k by it; "baseline": the
 # teacher's baseline list (METHOD 7). Stage 2 turns a word into indices with
 # common.profile.manifest.Manifest.teacher_layers.
+LOGIT_LOSSES = ("kd", "dkd")  # MethodSpec.logit_loss: Hinton's KD, or decoupled KD (dkd_loss.py)
 TEACHER_LAYER_WORDS = ("selected", "baseline", *CRITERIA)
 STUDENT_LAYER_WORDS = ("baseline",)
 
@@ -65,7 +68,8 @@ MAPPINGS: dict[str, Callable[[int, int], list[Pair]]] = {"one2one": one2one_pair
 
 @dataclass(frozen=True)
 class FeatureContext:
-    """What a feature-term builder gets: the resolved layers, their per-sample shapes, the pairs."""
+    """What a feature-term builder gets: the resolved layers, their per-sample shapes, the pairs,
+    and for terms that keep per-sample state (CRD's memory bank) the training rows and labels."""
 
     spec: MethodSpec
     student_layers: list[int]
@@ -74,13 +78,15 @@ class FeatureContext:
     teacher_shapes: list[Shape]
     pairs: list[Pair]
     batch_size: int | None
+    train_rows: torch.Tensor | None = None
+    train_labels: torch.Tensor | None = None
 
     def label(self, pair: Pair) -> str:
         return f"student layer {self.student_layers[pair.student]} / teacher layer {self.teacher_layers[pair.teacher]}"
 
 
-# A feature term maps (student features, teacher features), both lists in layer order, to the
-# unweighted feature loss. Registered by `spec.feature_loss`; "none" builds nothing.
+# A feature term maps (student features, teacher features, step), the features lists in layer
+# order and `step` the loop's Step (None outside the loop), to the unweighted feature loss. Registered by `spec.feature_loss`; "none" builds nothing.
 FeatureTermBuilder = Callable[[FeatureContext], "nn.Module | None"]
 FEATURE_LOSSES: Registry[FeatureTermBuilder] = Registry("feature loss")
 FEATURE_LOSSES.register("none", lambda context: None)
@@ -103,13 +109,18 @@ def _check_layers(key: str, value: object, words: Sequence[str]) -> None:
 
 def validate_spec(spec: MethodSpec) -> None:
     """Raise ConfigError (naming the key and the allowed values) for any bad or inconsistent field."""
-    for key in ("ce_weight", "kd_weight", "feature_weight"):
+    for key in ("ce_weight", "kd_weight", "feature_weight", "dkd_alpha", *(("dkd_beta",) if spec.dkd_beta is not None else ())):
         value = getattr(spec, key)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ConfigError(f"method.{key} is {value!r}; it must be a finite number >= 0")
     if not spec.kd_temperature > 0:
         raise ConfigError(f"method.kd_temperature is {spec.kd_temperature!r}; it must be > 0")
     _check_choice("feature_loss", spec.feature_loss, FEATURE_LOSSES.names())
+    _check_choice("logit_loss", spec.logit_loss, LOGIT_LOSSES)
+    for key, least in (("dkd_warmup", 0), ("crd_negatives", 1)):
+        value = getattr(spec, key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise ConfigError(f"method.{key} is {value!r}; it must be an integer >= {least}")
     _check_choice("mapping", spec.mapping, sorted(MAPPINGS))
     _check_choice("projector", spec.projector, PROJECTORS.names())
     if spec.feature_loss == "none":
@@ -124,6 +135,9 @@ def validate_spec(spec: MethodSpec) -> None:
         _check_layers("student_layers", spec.student_layers, STUDENT_LAYER_WORDS)
     rules = [
         (spec.feature_loss in ("sp", "sp_ref") and spec.projector != "none", f"method.projector must be none for feature loss {spec.feature_loss}"),
+        (spec.logit_loss == "dkd" and spec.kd_standardize, "method.kd_standardize does not apply to dkd; set it false"),
+        (spec.feature_loss == "crd" and (spec.mapping != "one2one" or spec.projector != "none"),
+         "feature loss crd embeds one layer pair itself: method.mapping must be one2one and method.projector none"),
         (spec.feature_loss == "semckd" and spec.mapping != "full", "method.mapping must be full for feature loss semckd (attention over all pairs)"),
         (spec.teacher_head and spec.feature_loss != "mse", "teacher_head (SimKD) needs feature loss mse"),
         (spec.teacher_head and spec.mapping != "one2one", "method.mapping must be one2one with teacher_head (SimKD)"),
@@ -140,6 +154,15 @@ def validate_spec(spec: MethodSpec) -> None:
 
 
 @dataclass(frozen=True)
+class Step:
+    """Where a training batch comes from: the loop hands it to every method, whichever uses it
+    (CRD's memory bank needs the batch's dataset rows, DKD's warm-up the epoch)."""
+
+    indices: torch.Tensor  # (B,) rows of the training split, on the batch's device
+    epoch: int  # 1-based
+
+
+@dataclass(frozen=True)
 class BuildContext:
     """Everything `build_distiller` knows beyond the spec, handed to the Distiller class."""
 
@@ -151,6 +174,8 @@ class BuildContext:
     teacher_shapes: list[Shape]
     teacher: nn.Module | None
     batch_size: int | None
+    train_rows: torch.Tensor | None = None  # the training rows' dataset indices (CRD's memory bank)
+    train_labels: torch.Tensor | None = None  # labels of the whole training split (CRD's negatives)
 
 
 class Distiller(nn.Module):
@@ -192,12 +217,14 @@ class Distiller(nn.Module):
         labels: torch.Tensor,
         teacher_features: dict[int, torch.Tensor],
         teacher_logits: torch.Tensor | None,
+        step: Step | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(logits for train accuracy, {loss name: weighted scalar}); the loop sums the values."""
+        """(logits for train accuracy, {loss name: weighted scalar}); the loop sums the values.
+        `step` is what the loop knows of the batch; the methods that need it say so when it is missing."""
         logits, student_features = self.student_forward(images)
-        losses = self.logit_losses(logits, labels, teacher_logits)
+        losses = self.logit_losses(logits, labels, teacher_logits, step)
         if self.feature_term is not None and self.spec.feature_weight > 0:
-            term = self.feature_term(student_features, self.ordered_teacher_features(teacher_features))
+            term = self.feature_term(student_features, self.ordered_teacher_features(teacher_features), step)
             losses["feat"] = self.spec.feature_weight * term
         return logits, losses
 
@@ -207,12 +234,13 @@ class Distiller(nn.Module):
         labels: torch.Tensor,
         teacher_features: dict[int, torch.Tensor],
         teacher_logits: torch.Tensor | None,
+        step: Step | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`forward_train` as the module's call, so that DistributedDataParallel sees the step."""
-        return self.forward_train(images, labels, teacher_features, teacher_logits)
+        return self.forward_train(images, labels, teacher_features, teacher_logits, step)
 
     def logit_losses(
-        self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None
+        self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, step: Step | None = None
     ) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         if self.spec.ce_weight > 0:
@@ -220,9 +248,18 @@ class Distiller(nn.Module):
         if self.spec.needs_teacher_logits:
             if teacher_logits is None:
                 raise ValueError(f"method '{self.spec.name}' uses KD: pass teacher_logits to forward_train")
-            losses["kd"] = self.spec.kd_weight * kd_loss(
-                logits, teacher_logits.detach(), self.spec.kd_temperature, self.spec.kd_standardize
-            )
+            if self.spec.logit_loss == "dkd":
+                if step is None:
+                    raise ValueError(f"method '{self.spec.name}' warms DKD up by epoch: pass step= to forward_train")
+                beta = self.spec.dkd_beta if self.spec.dkd_beta is not None else DKD_BETA_DEFAULT
+                warm = dkd_warmup(step.epoch, self.spec.dkd_warmup)
+                losses["dkd"] = self.spec.kd_weight * warm * dkd_loss(
+                    logits, teacher_logits.detach(), labels, self.spec.dkd_alpha, beta, self.spec.kd_temperature
+                )
+            else:
+                losses["kd"] = self.spec.kd_weight * kd_loss(
+                    logits, teacher_logits.detach(), self.spec.kd_temperature, self.spec.kd_standardize
+                )
         return losses
 
     def ordered_teacher_features(self, teacher_features: dict[int, torch.Tensor]) -> list[torch.Tensor]:
@@ -254,7 +291,9 @@ def register_method(distiller: type[Distiller] = Distiller, *, summary: str, **f
 NO_FEATURES: dict[str, object] = dict(
     ce_weight=1.0, kd_weight=0.0, kd_temperature=4.0, kd_standardize=False, feature_loss="none",
     feature_weight=0.0, teacher_layers=(), student_layers=(), mapping="one2one",
-    projector="none", detach_head=False, teacher_head=False,
+    projector="none", detach_head=False, teacher_head=False, logit_loss="kd",
+    # DKD's and CRD's published values (sources in dkd_loss.py / crd_loss.py); used only by those.
+    dkd_alpha=DKD_ALPHA, dkd_beta=None, dkd_warmup=DKD_WARMUP_EPOCHS, crd_negatives=CRD_N_NEGATIVES,
 )
 FEATURE_BASE: dict[str, object] = dict(
     NO_FEATURES, feature_loss="mse", feature_weight=1.0, teacher_layers="baseline",

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from common.methods.losses import feature_mse, fkd_loss
-from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, KD_T4, FeatureContext, Pair, register_method
+from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, KD_T4, FeatureContext, Pair, Step, register_method
 from common.methods.projectors import PairAdapter
 
 
@@ -39,7 +39,7 @@ class ProjectedMSETerm(nn.Module):
             for p in self.pairs
         )
 
-    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], step: Step | None = None) -> torch.Tensor:
         losses = [feature_mse(*adapter(student[p.student], teacher[p.teacher])) for p, adapter in zip(self.pairs, self.adapters)]
         return fkd_loss(losses, [p.weight for p in self.pairs], self.n_student_layers)
 

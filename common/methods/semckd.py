@@ -19,7 +19,7 @@ from torch import nn
 
 from common.errors import ConfigError, TrainingError
 from common.methods.losses import batch_gram, feature_mse_per_sample, semckd_attention, semckd_loss
-from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, KD_T4, FeatureContext, register_method
+from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, KD_T4, FeatureContext, Step, register_method
 from common.methods.projectors import PairAdapter
 
 MLP_DIMS = (256, 128)  # hidden and output width of the attention MLPs (reference: [256, 128])
@@ -58,7 +58,7 @@ class SemCKDTerm(nn.Module):
         keys = torch.stack([mlp(batch_gram(f)) for mlp, f in zip(self.keys, teacher)], dim=1)
         return semckd_attention(queries, keys)
 
-    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], step: Step | None = None) -> torch.Tensor:
         batch = student[0].shape[0]
         if batch != self.batch_size:
             raise TrainingError(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from common.methods.losses import fkd_loss, similarity_preserving_loss, similarity_preserving_ref_loss
-from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, KD_T4, FeatureContext, Pair, register_method
+from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, KD_T4, FeatureContext, Pair, Step, register_method
 
 SP_GAMMA = 3000.0  # Tung & Mori 2019, section 4.1 (CIFAR-10); RepDistiller's CIFAR-100 runs: -b 3000
 
@@ -29,7 +29,7 @@ class PublishedSPTerm(nn.Module):
         super().__init__()
         self.pairs = pairs
 
-    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], step: Step | None = None) -> torch.Tensor:
         return sum(p.weight * similarity_preserving_loss(student[p.student], teacher[p.teacher]) for p in self.pairs)
 
 
@@ -41,7 +41,7 @@ class ReferenceSPTerm(nn.Module):
         self.pairs = pairs
         self.n_student_layers = n_student_layers
 
-    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], step: Step | None = None) -> torch.Tensor:
         losses = [similarity_preserving_ref_loss(student[p.student], teacher[p.teacher]) for p in self.pairs]
         return fkd_loss(losses, [p.weight for p in self.pairs], self.n_student_layers)
 

@@ -261,10 +261,10 @@ def arm_run_dirs(cfg: Config, data: Any, arm: Arm, seeds: Sequence[int], manifes
     (resolve the method, check the pairing, read a layer word from the manifest, hash), without
     building anything."""
     from common import distill
-    from common.methods import resolve_method
+    from common.methods import resolve_run_method
 
     arm_cfg = arm_config(cfg, arm)
-    spec = resolve_method(arm_cfg.method)
+    spec = resolve_run_method(arm_cfg)
     teacher_layers = distill.resolve_layer_lists(arm_cfg, spec, data, manifest)[0] if spec.needs_teacher else []
     return distill.run_dirs(arm_cfg, data, spec, teacher_layers, [int(s) for s in seeds])
 

@@ -35,6 +35,7 @@ from common.runtime import resolve_device
 from common.data.registry import Data, augment_batch
 from common.train.distributed import SINGLE, Ranks
 from common.errors import ConfigError, TrainingError
+from common.methods.base import Step
 from common.files import atomic_torch_save, atomic_write, atomic_write_text, atomic_write_yaml
 
 log = logging.getLogger("kd")
@@ -56,13 +57,14 @@ class TeacherSource(Protocol):
 
 class Trainable(Protocol):
     """What the loop trains: a module called as model(images, labels, teacher features, teacher
-    logits) -> (logits, {loss name: weighted scalar}) (a Distiller's forward_train; a call, so
+    logits, step) -> (logits, {loss name: weighted scalar}) (a Distiller's forward_train; a call, so
     that DDP's hooks run), with `forward_eval` for test-time logits."""
 
     training: bool
 
     def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, teacher_features: dict[int, torch.Tensor], teacher_logits: torch.Tensor | None
+        self, images: torch.Tensor, labels: torch.Tensor, teacher_features: dict[int, torch.Tensor], teacher_logits: torch.Tensor | None,
+        step: Step,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ...
 
@@ -307,7 +309,8 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
         y = data.train.labels[idx].to(device, non_blocking=True)
         t_feats, t_logits = loop.teacher.batch(idx, x) if loop.teacher is not None else ({}, None)
         with _autocast(device, loop.amp):
-            logits, losses = loop.net(x, y, t_feats, t_logits)
+            # every method gets the same call; `Step` carries what only some use (CRD, DKD)
+            logits, losses = loop.net(x, y, t_feats, t_logits, Step(idx.to(device, non_blocking=True), epoch))
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise _not_finite(f"loss is not finite at epoch {epoch}, step {step + 1} of {len(batches)}", losses, progress.rows, loop.run_dir)

@@ -1,0 +1,74 @@
+"""Contrastive representation distillation (Tian et al., ICLR 2020) as presets: `crd`, `crd+kd`.
+
+CE (weight 1) + 0.8 x CRD on the penultimate features (the last generalized layer of teacher and
+student, the vector the head reads; RepDistiller's feat[-1]): both embedded to 128-d and L2
+normalised, NCE against 16 384 negatives from a momentum memory bank (T 0.07, momentum 0.5).
+`crd` is the CRD table's "CRD" row (no KD, RepDistiller `-a 0 -b 0.8`); `crd+kd` adds KD at
+T = 4 with RepDistiller's weight 1 on its T^2-scaled KL, i.e. 16 in this tool's kd_weight units
+(`-a 1 -b 0.8`). Sources of every value in crd_loss.py.
+
+The memory bank holds one entry per training row (`train_rows`, passed by stage 2); negatives
+come from the rows of other classes ("exact" mode), drawn with torch's global generator, so a
+seed fixes them and a resumed run continues the same stream. Under torchrun each rank keeps its
+own bank, updated from its own shard (the reference trains on one GPU).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.errors import ConfigError
+from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, FeatureContext, Step, register_method
+from common.methods.crd_loss import CRD_CE_WEIGHT, CRD_KD_T, CRD_PLUS_KD_KD_WEIGHT, CRD_WEIGHT, CRDLoss, sample_negatives
+
+
+class CRDTerm(nn.Module):
+    """`CRDLoss` on the one (student, teacher) pair, with negatives drawn per batch from the
+    training rows of other classes."""
+
+    def __init__(self, context: FeatureContext) -> None:
+        super().__init__()
+        if len(context.pairs) != 1:
+            raise ConfigError(
+                f"crd distils one layer pair (the penultimate features), got {len(context.pairs)}; "
+                "set method.teacher_layers=[-1] method.student_layers=[-1]"
+            )
+        if context.train_rows is None or context.train_labels is None:
+            raise ValueError("crd keeps a memory bank per training row: pass train_rows= and train_labels= to build_distiller")
+        (s_shape, t_shape) = (context.student_shapes[0], context.teacher_shapes[0])
+        rows = torch.as_tensor(context.train_rows, dtype=torch.long)
+        labels = torch.as_tensor(context.train_labels, dtype=torch.long)
+        # dataset row -> position in the bank (-1: not a training row)
+        position = torch.full((len(labels),), -1, dtype=torch.long)
+        position[rows] = torch.arange(len(rows))
+        self.register_buffer("position", position, persistent=False)
+        self.register_buffer("bank_labels", labels[rows], persistent=False)
+        self.n_negatives = context.spec.crd_negatives
+        self.loss = CRDLoss(_flat_dim(s_shape), _flat_dim(t_shape), len(rows), n_negatives=self.n_negatives)
+
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], step: Step | None = None) -> torch.Tensor:
+        if step is None:
+            raise ValueError("crd needs the batch's dataset rows: pass step= to forward_train")
+        idx = self.position[step.indices.to(self.position.device)]
+        if bool((idx < 0).any()):
+            raise ValueError("crd got a batch row outside the training rows its memory bank was built for")
+        contrast = sample_negatives(idx, self.bank_labels, self.n_negatives)
+        return self.loss(student[0].flatten(1).float(), teacher[0].flatten(1).float(), idx, contrast)
+
+
+def _flat_dim(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+FEATURE_LOSSES.register("crd", CRDTerm)
+
+CRD = {**FEATURE_BASE, "name": "crd", "feature_loss": "crd", "feature_weight": CRD_WEIGHT, "ce_weight": CRD_CE_WEIGHT,
+       "teacher_layers": (-1,), "student_layers": (-1,), "projector": "none"}
+register_method(**CRD, summary="CRD (Tian et al. 2020): CE + 0.8 x contrastive loss on the penultimate features, 16 384 negatives, no KD")
+register_method(
+    **{**CRD, "name": "crd+kd", "kd_weight": CRD_PLUS_KD_KD_WEIGHT * CRD_KD_T**2, "kd_temperature": CRD_KD_T},
+    summary="CRD+KD (Tian et al. 2020): crd plus KD at T 4 (RepDistiller's weight 1 on the T^2-scaled KL)",
+)
