@@ -23,7 +23,7 @@ from common.train.distributed import SINGLE, Ranks
 from common.errors import ConfigError
 from common.runtime import ram_budget, versions
 from common.layers.hooks import resolve_layers
-from common.method_spec import MethodSpec
+from common.method_spec import MethodSpec, hashed_fields
 from common.methods import build_distiller, resolve_run_method
 from common.models import MODELS, create_model
 from common.profile import runner as profile
@@ -63,7 +63,7 @@ def resolve_layer_lists(cfg: Config, spec: MethodSpec, data: Data, manifest: Man
 def run_dirs(cfg: Config, data: Data, spec: MethodSpec, teacher_layers: list[int], seeds: list[int]) -> dict[int, Path]:
     """Seed -> the run directory of `spec` with these resolved teacher layers (common/artifacts/layout.py)."""
     use = artifacts.teacher_use(teacher_layers, cfg.profile.cache_dtype) if spec.needs_teacher else None
-    method = dataclasses.asdict(spec)
+    method = hashed_fields(spec)
     return {s: artifacts.run_dir(cfg, data, method, use, s) for s in seeds}
 
 

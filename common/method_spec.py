@@ -9,17 +9,24 @@ read configs without loading torch.
 """
 from __future__ import annotations
 
-from dataclasses import Field, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
 # Field metadata key: the preset fixes this field; a config cannot override it. feature_loss and
 # teacher_head choose the method family and with it the Distiller class of the preset, so a
 # config picks them through `method.name`.
 PRESET_ONLY = "preset_only"
+# Field metadata key: the field came after run directories existed; at this value (what every
+# earlier run had) it is left out of the run hash (`hashed_fields`), so those runs are found again.
+ADDED_AT = "added_at"
 
 
-def _preset_only() -> Any:
-    return field(metadata={PRESET_ONLY: True})
+def _preset_only(**added: Any) -> Any:
+    return field(metadata={PRESET_ONLY: True, **({ADDED_AT: added["at"]} if added else {})})
+
+
+def _added(at: Any) -> Any:
+    return field(metadata={ADDED_AT: at})
 
 
 @dataclass(frozen=True)
@@ -39,11 +46,11 @@ class MethodSpec:
     projector: str  # conv1x1 | three_layer | none
     detach_head: bool  # METHOD 8.1 SeperateLinear: no logit loss reaches the backbone
     teacher_head: bool = _preset_only()  # SimKD: logits from a trainable copy of the teacher's modules after its last distilled layer
-    logit_loss: str = _preset_only()  # kd (Hinton, `kd_weight` x KL at `kd_temperature`) | dkd (decoupled KD)
-    dkd_alpha: float  # DKD's TCKD weight (dkd only)
-    dkd_beta: float | None  # DKD's NCKD weight; None: the DKD paper's value for the teacher/student pair (dkd only)
-    dkd_warmup: int  # epochs of DKD's linear warm-up of the logit loss; 0: none (dkd only)
-    crd_negatives: int  # CRD's negatives per sample from the memory bank (feature loss crd only)
+    logit_loss: str = _preset_only(at="kd")  # kd (Hinton, `kd_weight` x KL at `kd_temperature`) | dkd (decoupled KD)
+    dkd_alpha: float = _added(at=1.0)  # DKD's TCKD weight (dkd only)
+    dkd_beta: float | None = _added(at=None)  # DKD's NCKD weight; None: the DKD paper's value for the teacher/student pair (dkd only)
+    dkd_warmup: int = _added(at=20)  # epochs of DKD's linear warm-up of the logit loss; 0: none (dkd only)
+    crd_negatives: int = _added(at=16384)  # CRD's negatives per sample from the memory bank (feature loss crd only)
 
     # What the method takes from the teacher, declared once here; stage 2 builds only that.
     @property
@@ -67,6 +74,16 @@ class MethodSpec:
 
 
 SPEC_FIELDS = tuple(f.name for f in fields(MethodSpec))
+
+
+def hashed_fields(spec: MethodSpec) -> dict[str, Any]:
+    """The spec as a run's hash sees it: every field, except a later-added one at the value all
+    earlier runs had (ADDED_AT), so adding a hyperparameter does not orphan finished runs."""
+    out = asdict(spec)
+    for f in fields(spec):
+        if ADDED_AT in f.metadata and out[f.name] == f.metadata[ADDED_AT]:
+            del out[f.name]
+    return out
 
 
 def override_fields() -> list[Field[Any]]:

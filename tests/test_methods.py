@@ -496,3 +496,20 @@ def test_kd_methods_need_teacher_logits():
     assert not ce.spec.needs_teacher_logits and not ce.spec.needs_teacher
     _, losses = ce.forward_train(images, labels, {}, None)
     assert set(losses) == {"ce"}
+
+
+def test_hyperparameters_added_later_leave_earlier_runs_hashes_alone():
+    # Run directories hash the resolved spec; the DKD/CRD fields came after runs existed, so at
+    # the values those runs had they are left out and every earlier preset hashes as before.
+    from common.method_spec import hashed_fields
+
+    added = {"logit_loss", "dkd_alpha", "dkd_beta", "dkd_warmup", "crd_negatives"}
+    for name in METHODS.names():
+        spec = METHODS.get(name).spec
+        kept = set(hashed_fields(spec))
+        if name == "dkd":
+            assert {"logit_loss"} <= kept, name  # its own setting enters the hash
+        else:  # crd is told apart by its feature_loss; its bank size is at the default
+            assert kept == set(SPEC_FIELDS) - added, name
+    changed = hashed_fields(resolve_method(MethodConfig(name="kd", crd_negatives=10)))
+    assert changed["crd_negatives"] == 10  # a non-default value is part of the run's identity
