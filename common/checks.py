@@ -7,7 +7,8 @@ Each check lives where its subject does; this module only runs them in order, ch
 `common.config.validate_config` (ranges), `common.artifacts.layout.check_writable` (the artifacts
 path), the model, dataset and method names (`common.profile.teacher.check_names`, the registries), the
 devices, `common.data.registry.load_data` (data errors), then the layer counts of an untrained teacher
-and student, `common.profile.runner.validate`, and the training and analysis subsets. Stage 2's layer
+and student, `common.profile.runner.validate`, the training and analysis subsets, and whether a teacher
+checkpoint is fine-tuned or used as it is (`common.profile.teacher.teacher_as_is`). Stage 2's layer
 pairing is checked by `common.distill.check_layer_lists`, before the profile is read or built.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from common.data.registry import DATASETS, Data, load_data
 from common.errors import ConfigError
 from common.layers.tables import layer_infos_for
 from common.profile.stats import q_subsets
-from common.profile.teacher import build_teacher, check_names
+from common.profile.teacher import build_teacher, check_names, teacher_as_is
 from common.runtime import resolve_device
 
 
@@ -45,7 +46,10 @@ def check_config(cfg: Config) -> None:
         # Students train from scratch (METHOD 5); a set value would be ignored without a word.
         raise ConfigError(f"student.pretrained={cfg.student.pretrained} is not used: students train from scratch; remove it")
     if cfg.teacher.pretrained is not None and not Path(cfg.teacher.pretrained).expanduser().is_file():
-        raise ConfigError(f"teacher.pretrained file {cfg.teacher.pretrained} not found; give a local torchvision ImageNet state-dict file, or null")
+        raise ConfigError(
+            f"teacher.pretrained file {cfg.teacher.pretrained} not found; give a local checkpoint file (a torchvision "
+            f"ImageNet state dict, a published CIFAR zoo {{\"model\": state_dict}} file, a tv:/timm: state dict), or null"
+        )
     for device in dict.fromkeys((cfg.teacher_train.device, cfg.train.device, cfg.profile.device)):
         resolve_device(device)
     for tracker in dict.fromkeys((cfg.teacher_train.tracker, cfg.train.tracker)):
@@ -69,5 +73,11 @@ def check_with_data(cfg: Config, data: Data) -> None:
             f"{data.num_classes} classes; set profile.subset_size >= {2 * data.num_classes} (two per class)"
         )
     q_subsets(cfg, data)
-    if cfg.teacher.pretrained is not None and not (artifacts.teacher_dir(cfg, data) / artifacts.DONE).exists():
-        build_teacher(cfg, data, pretrained=True)  # reads the checkpoint now, not after the teacher directory exists
+    if cfg.teacher.pretrained is not None:
+        # Fine-tune or use as it is (teacher.finetune): decided now, so teacher.finetune=false
+        # with a checkpoint of other classes stops here. The teacher directory's key follows it.
+        teacher_as_is(cfg, data)
+        if not (artifacts.teacher_dir(cfg, data) / artifacts.DONE).exists():
+            # Reads the whole checkpoint now, not after the teacher directory exists; a finished
+            # teacher (trained or used as it is) no longer needs it.
+            build_teacher(cfg, data, pretrained=True)

@@ -44,7 +44,23 @@ class DatasetConfig:
 class ModelConfig:
     name: str = "resnet34"
     width: float = 1.0  # channel / hidden-dim multiplier, for small versions on a CPU
-    pretrained: str | None = None  # local torchvision ImageNet state-dict file (METHOD 3)
+    pretrained: str | None = None  # local checkpoint: torchvision ImageNet state dict (METHOD 3), published CIFAR zoo file, tv:/timm: state dict
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: a model, optionally a checkpoint (`pretrained`), and whether it is trained.
+
+    A section of its own because `finetune` means nothing for a student (students train from
+    scratch, METHOD 5), so `student.finetune` is an unknown key rather than a silent no-op.
+    """
+
+    # auto: a checkpoint whose classifier has the dataset's classes is used as it is (evaluated,
+    # profiled, distilled from: a published teacher, as the CRD / DKD tables use them); any other
+    # checkpoint (an ImageNet one on CIFAR) is fine-tuned for teacher_train.epochs. true: always
+    # trained; false: used as it is, an error when the classes differ or no checkpoint is given.
+    # Decided in common.profile.teacher.teacher_as_is.
+    finetune: Union[bool, str] = "auto"
 
 
 @dataclass
@@ -130,7 +146,7 @@ MethodConfig = dataclasses.make_dataclass(
 @dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    teacher: ModelConfig = field(default_factory=lambda: ModelConfig(name="resnet34"))
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="resnet34"))
     student: ModelConfig = field(default_factory=lambda: ModelConfig(name="resnet9"))
     method: MethodConfig = field(default_factory=MethodConfig)
     teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.01))
@@ -326,6 +342,7 @@ def validate_config(cfg: Config) -> None:
     _check_dataset(cfg.dataset)
     for where, model in (("teacher", cfg.teacher), ("student", cfg.student)):
         _check_model(where, model)
+    _check_finetune(cfg.teacher)
     for where, train in (("teacher_train", cfg.teacher_train), ("train", cfg.train)):
         _check_train(where, train)
     _check_profile(cfg.profile)
@@ -386,6 +403,22 @@ def _check_model(where: str, m: ModelConfig) -> None:
     _require(m.name.strip() != "", f"{where}.name is empty; give a model, e.g. {where}.name=resnet9")
     _finite(f"{where}.width", m.width, 0.0, strict=True, hint=" (1.0 is the published width, 0.25 a quarter)")
     _require(m.pretrained is None or m.pretrained.strip() != "", f"{where}.pretrained is an empty string; give a checkpoint file or null")
+
+
+def _check_finetune(t: ModelConfig) -> None:
+    # getattr: a plain ModelConfig in the teacher's place (a student spec put there in code) has
+    # no setting, which is "auto".
+    finetune = getattr(t, "finetune", "auto")
+    _require(
+        isinstance(finetune, bool) or finetune == "auto",
+        f"teacher.finetune={finetune!r} is not allowed; use auto (use a checkpoint of the dataset's classes as it is, "
+        f"fine-tune any other), true (always train) or false (never train)",
+    )
+    _require(
+        not (finetune is False and t.pretrained is None),
+        "teacher.finetune=false uses a checkpoint as it is, but teacher.pretrained is not set; give the checkpoint "
+        "with teacher.pretrained=PATH, or set teacher.finetune=auto to train the teacher from scratch",
+    )
 
 
 def _check_train(where: str, t: TrainConfig) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import tempfile
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from common.config import Config, TrainConfig, short_hash
 from common.errors import ConfigError, UserError
-from common.files import atomic_write_text, atomic_write_yaml, file_lock
+from common.files import atomic_write_text, atomic_write_yaml, file_lock, sha256_file
 
 if TYPE_CHECKING:  # annotations only: stage 3 reads the layout without importing torch
     from common.data.registry import Data
@@ -115,13 +116,38 @@ def dataset_key(cfg: Config, data: Data) -> dict[str, Any]:
 
 
 def teacher_key(cfg: Config, data: Data) -> dict[str, Any]:
+    """A trained teacher: the dataset, the model (a checkpoint by file name) and its training
+    settings, the key every teacher had before checkpoints could be used as they are (kept, so
+    those directories are found again). A checkpoint used as it is
+    (`common.profile.teacher.teacher_as_is`) is keyed by the dataset and the file's content
+    instead: nothing is trained, so no training setting changes it, and the published files all
+    share one name (ckpt_epoch_240.pth)."""
     t = cfg.teacher
     pretrained = Path(t.pretrained).name if t.pretrained else None
+    model = {"name": t.name, "width": t.width, "pretrained": pretrained}
+    if t.pretrained is not None:
+        from common.profile.teacher import teacher_as_is  # here: it needs torch, and it imports this module
+
+        if teacher_as_is(cfg, data):
+            return {"dataset": dataset_key(cfg, data), "model": {**model, "as_is": True, "sha256": _file_sha256(t.pretrained)}}
     return {
         "dataset": dataset_key(cfg, data),
-        "model": {"name": t.name, "width": t.width, "pretrained": pretrained},
+        "model": model,
         "train": {**_train_key(cfg.teacher_train), "seed": cfg.teacher_train.seed},
     }
+
+
+def _file_sha256(path: str) -> str:
+    file = Path(path).expanduser().resolve()
+    stat = file.stat()
+    return _sha256_of(str(file), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
+    """Cached per file version: a stage builds the teacher's paths many times."""
+    del mtime_ns, size  # part of the cache key only
+    return sha256_file(Path(path))
 
 
 def teacher_id(cfg: Config, data: Data) -> str:

@@ -213,3 +213,22 @@ def load_vit(model: nn.Module, path: str) -> None:
         raise _fail(path, arch, str(exc)) from None
     state["head.weight"], state["head.bias"] = model.head.weight.detach(), model.head.bias.detach()
     load_matching_state(model, state, path, arch)
+
+
+# The loaders above rebuild the stem and the head for CIFAR-sized inputs (METHOD 3.1, 3.2, 3.4)
+# whatever the file holds, so a model they load is never the checkpoint as it is: such a teacher
+# is always fine-tuned (common.profile.teacher.teacher_as_is).
+ADAPTING_LOADERS = (load_resnet, load_vgg, load_vit)
+
+
+def checkpoint_classes(model: nn.Module, state: StateDict) -> int | None:
+    """The number of classes of a checkpoint's state dict: the rows of its tensor at the key of
+    `model`'s classifier (its last nn.Linear, as `common.models.cifar.checkpoint.classifier_prefix`
+    finds it). None when `state` has no 2-D tensor there: the classes cannot be known.
+
+    The classifier is found on the model, not guessed from the file, because a file's last
+    tensor need not be its head (BatchNorm statistics, auxiliary heads). `state` comes from the
+    reader the model's loader uses (`read_state_dict`, or the zoo's `read_zoo_checkpoint`)."""
+    heads = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    weight = state.get(heads[-1] + ".weight") if heads else None
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None

@@ -1,27 +1,36 @@
-"""The teacher: check its name, train it once (CE, METHOD 5), load it with its checkpoint's hash.
+"""The teacher: check its name, train it once (CE, METHOD 5) or take a checkpoint as it is, load
+it with its checkpoint's hash.
 
-What stage 2 reads from it per batch is in common/train/teacher_source.py.
+Whether a checkpoint (`teacher.pretrained`) is trained further or used as it is, is decided in one
+place, `teacher_as_is` (the setting `teacher.finetune`); the teacher directory's key and
+`ensure_teacher` both follow it. What stage 2 reads from the teacher per batch is in
+common/train/teacher_source.py.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
 from common.artifacts import layout as artifacts
 from common.config import Config, MethodConfig, to_dict
 from common.data.registry import Data
-from common.errors import CacheError
-from common.files import sha256_file
-from common.runtime import peak_rss_mb, versions
+from common.errors import CacheError, ConfigError
+from common.files import atomic_torch_save, atomic_write, sha256_file
+from common.runtime import peak_rss_mb, resolve_device, versions
 from common.layers.hooks import backbone_and_head_parameters
-from common.methods import build_distiller, resolve_method
+from common.methods import Distiller, build_distiller, resolve_method
 from common.models import MODELS, create_model
+from common.models.cifar import PREFIX as ZOO_PREFIX
+from common.models.cifar.checkpoint import read_zoo_checkpoint
+from common.models.pretrained import ADAPTING_LOADERS, checkpoint_classes, read_state_dict
 from common.runtime import seed_everything
-from common.train.loop import finish, fit
+from common.train.loop import METRICS, FitResult, evaluate, finish, fit
 
 log = logging.getLogger("kd")
 
@@ -46,12 +55,94 @@ def build_teacher(cfg: Config, data: Data, pretrained: bool = False) -> nn.Modul
     )
 
 
+def teacher_as_is(cfg: Config, data: Data) -> bool:
+    """True when the teacher is its checkpoint as it is: evaluated, profiled and distilled from,
+    never trained; False when it is trained (from scratch, or fine-tuned from the checkpoint).
+
+    `teacher.finetune`: true trains; false uses the checkpoint as it is, or stops with a
+    ConfigError where it cannot be; auto (the default) uses it as it is exactly when it can be:
+    the model's loader keeps the file's classifier (the CIFAR zoo's and tv:/timm:'s do; the paper
+    models' ImageNet loaders, `ADAPTING_LOADERS`, replace the stem and head) and that classifier
+    has the dataset's number of classes (`checkpoint_classes`). So a published CIFAR-100 teacher
+    on CIFAR-100 is used as the CRD / DKD tables use it, and an ImageNet checkpoint on CIFAR is
+    fine-tuned with a new head (METHOD 5). Without a checkpoint the teacher is trained.
+    """
+    t = cfg.teacher
+    finetune = getattr(t, "finetune", "auto")  # a plain ModelConfig in the teacher's place: auto
+    if t.pretrained is None or finetune is True:
+        return False
+    if MODELS.get(t.name).load_pretrained in ADAPTING_LOADERS:
+        if finetune is False:
+            raise ConfigError(
+                f"teacher.finetune=false: {t.name}'s ImageNet loader replaces the first layer and the classifier "
+                f"(METHOD 3), so its checkpoint {t.pretrained} cannot be used as it is; set teacher.finetune=auto "
+                f"(fine-tunes it), or use the checkpoint's own architecture as tv:<name> / timm:<name>"
+            )
+        return False
+    classes = _checkpoint_classes(cfg, data)
+    if classes == data.num_classes:
+        return True
+    if finetune is False:
+        found = f"its classifier has {classes} classes" if classes is not None else "no classifier of the model is in it"
+        # The zoo loader refuses other classes (a published teacher is taken as it is); tv:/timm: get a new head.
+        retrain = "" if t.name.startswith(ZOO_PREFIX) else \
+            f", or set teacher.finetune=auto to fine-tune it with a new {data.num_classes}-class head"
+        raise ConfigError(
+            f"teacher.finetune=false uses the checkpoint {t.pretrained} as it is, but {found} and dataset "
+            f"{cfg.dataset.name} has {data.num_classes}; give a checkpoint trained on the dataset's "
+            f"{data.num_classes} classes{retrain}"
+        )
+    return False
+
+
+def _checkpoint_classes(cfg: Config, data: Data) -> int | None:
+    """`checkpoint_classes` of the teacher's checkpoint, cached per file version (the key of the
+    teacher directory asks for it every time a path is built)."""
+    t = cfg.teacher
+    path = Path(t.pretrained).expanduser()
+    try:
+        stat = path.stat()
+        version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        version = None  # read_state_dict names the missing file
+    return _classes_of(t.name, t.width, str(path), version, data.num_classes, data.in_channels, data.image_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _classes_of(
+    name: str, width: float, path: str, version: tuple[int, int] | None, num_classes: int, in_channels: int, image_size: int
+) -> int | None:
+    """The build (untrained, to find the classifier's key) draws its init from a forked RNG, so
+    asking never changes a seeded run."""
+    del version  # part of the cache key only
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
+    # The reader of the model's own loader: the published zoo files keep tensors beside "model"
+    # ("accuracy"), which read_state_dict would take for the state dict itself.
+    state = read_zoo_checkpoint(path) if name.startswith(ZOO_PREFIX) else read_state_dict(path, name)
+    return checkpoint_classes(model, state)
+
+
+def _ce(model: nn.Module, data: Data) -> Distiller:
+    """`model` as a CE-only Distiller: what the loop trains and evaluates."""
+    return build_distiller(
+        resolve_method(MethodConfig(name="ce")),
+        model,
+        num_classes=data.num_classes,
+        input_shape=(data.in_channels, data.image_size, data.image_size),
+        teacher_layers=[],
+        student_layers=[],
+        teacher_shapes={},
+    )
+
+
 def ensure_teacher(cfg: Config, data: Data) -> Path:
-    """Train the teacher unless a finished one exists; returns the directory holding teacher.pt.
+    """Train the teacher, or take its checkpoint as it is (`teacher_as_is`), unless a finished
+    one exists; returns the directory holding teacher.pt.
 
     Locked, so concurrent shell loops that share a teacher train it once (`make report` reads
     the held lock as "running"). A crash leaves `failed` with the error; a finished teacher
-    whose teacher.pt was deleted (the fix for a damaged one) is trained again.
+    whose teacher.pt was deleted (the fix for a damaged one) is made again.
     """
     tdir = artifacts.teacher_dir(cfg, data)
     with artifacts.locked(tdir):
@@ -59,20 +150,15 @@ def ensure_teacher(cfg: Config, data: Data) -> Path:
             log.info("teacher %s: finished, skipping training (%s)", cfg.teacher.name, tdir)
             return tdir
         if (tdir / artifacts.DONE).exists():
-            log.info("teacher %s: %s is missing, training the teacher again", cfg.teacher.name, tdir / WEIGHTS)
+            log.info("teacher %s: %s is missing, making the teacher again", cfg.teacher.name, tdir / WEIGHTS)
             (tdir / artifacts.DONE).unlink()
+        if teacher_as_is(cfg, data):
+            _use_as_is(cfg, data, tdir)
+            return tdir
         log.info("teacher %s: training %d epochs -> %s", cfg.teacher.name, cfg.teacher_train.epochs, tdir)
         seed_everything(cfg.teacher_train.seed)
         model = build_teacher(cfg, data, pretrained=True)
-        ce = build_distiller(
-            resolve_method(MethodConfig(name="ce")),
-            model,
-            num_classes=data.num_classes,
-            input_shape=(data.in_channels, data.image_size, data.image_size),
-            teacher_layers=[],
-            student_layers=[],
-            teacher_shapes={},
-        )
+        ce = _ce(model, data)
         lr = cfg.teacher_train.lr if cfg.teacher_train.lr is not None else MODELS.get(cfg.teacher.name).lr_ce
         groups = None
         if cfg.teacher.pretrained:
@@ -99,6 +185,31 @@ def ensure_teacher(cfg: Config, data: Data) -> Path:
             cfg.teacher.name, result.best_test_acc, result.best_epoch, float(result.metrics["elapsed_s"].iloc[-1]), peak_rss_mb(),
         )
         return tdir
+
+
+def _use_as_is(cfg: Config, data: Data, tdir: Path) -> None:
+    """The checkpoint as the teacher, under the same attempt as training (config.yaml, `failed` on
+    a crash, `finish`): teacher.pt in fit's format with "best" = "last" = the loaded weights and
+    best_epoch 0 (no epoch trained), and metrics.csv with one row, epoch 0, holding the test (and
+    validation) accuracy measured by the loop's `evaluate`, which stage 3 reports as the
+    teacher's accuracy (`common.artifacts.discovery.run_summary`)."""
+    t, train = cfg.teacher, cfg.teacher_train
+    with artifacts.attempt(tdir, {**to_dict(cfg), "run": {"kind": "teacher", "as_is": True, "versions": versions()}}):
+        model = build_teacher(cfg, data, pretrained=True)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        atomic_torch_save(tdir / WEIGHTS, {"best": state, "last": state, "best_epoch": 0})
+        device = resolve_device(train.device)
+        ce = _ce(model.to(device), data)
+        amp = train.amp and device.type == "cuda"  # as fit evaluates a trained teacher
+        row = {"epoch": 0, "test_acc": evaluate(ce, data, data.test.images, data.test.labels, device, train.eval_batch_size, amp)}
+        if len(data.val_indices) > 0:
+            val = data.val_indices
+            row["val_acc"] = evaluate(ce, data, data.train.images[val], data.train.labels[val], device, train.eval_batch_size, amp)
+        row["elapsed_s"] = 0.0  # cumulative training time
+        metrics = pd.DataFrame([row])
+        atomic_write(tdir / METRICS, lambda tmp: metrics.to_csv(tmp, index=False))
+        finish(tdir, FitResult(best_epoch=0, best_test_acc=row["test_acc"], last_test_acc=row["test_acc"], epochs=0, metrics=metrics))
+    log.info("teacher %s: checkpoint %s used as it is (no fine-tuning): test accuracy %.2f%% (%s)", t.name, t.pretrained, row["test_acc"], tdir)
 
 
 def load_teacher(cfg: Config, data: Data, device: torch.device) -> tuple[nn.Module, str]:
