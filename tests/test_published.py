@@ -207,3 +207,129 @@ def test_mixed_table_shows_dashes_for_rows_without_a_number(tmp_path: Path) -> N
 def test_empty_accuracy_table_has_the_columns() -> None:
     empty = tables.accuracy_table(pd.DataFrame(columns=discovery.RUN_COLUMNS))
     assert {"published", "published_source"} <= set(empty.columns)
+
+
+# ----------------------------------------------------------------------------- ours against the best published method, recipe flags
+
+COMPARISON = "Against the published numbers (best-epoch top-1):"
+RECIPE = "a sign that the recipe or the data differ from the benchmark's (configs/cifar100_kd_benchmark.yaml has its recipe)."
+
+
+def comparison_lines(md: str) -> list[str]:
+    return [line[2:] for line in md.splitlines() if line.startswith("- ") and "published" in line]
+
+
+def test_best_published_method_excludes_teacher_and_student_and_takes_the_highest(monkeypatch) -> None:
+    best = published.best_published_method
+    assert best("cifar100", "cifar:resnet32x4", "cifar:resnet8x4") == ("DKD", (76.32, DKD_SOURCE))  # not the teacher's 79.42
+    assert best("cifar100", "cifar:resnet110", "cifar:resnet20") == ("CRD", (71.46, CRD_SOURCE))  # no DKD row
+    assert best("cifar100", "cifar:vgg13", "cifar:MobileNetV2") == ("CRD", (69.73, CRD_SOURCE))  # CRD 69.73 > DKD 69.71
+    for args in (("cifar10", "cifar:resnet32x4", "cifar:resnet8x4"), ("cifar100", "resnet32x4", "resnet8x4"),
+                 ("cifar100", "cifar:resnet56", "cifar:resnet8x4")):
+        assert best(*args) is None, args
+    # a student trained alone above every method (never so in the tables) still is no method
+    fake = {("a", "b", "student"): published.Published(90.0, "s"), ("a", "b", "teacher"): published.Published(95.0, "s"),
+            ("a", "b", "KD"): published.Published(70.0, "s"), ("a", "b", "SP"): published.Published(71.0, "s")}
+    monkeypatch.setattr(published, "published_table", lambda: fake)
+    assert best("cifar100", "cifar:a", "cifar:b") == ("SP", (71.0, "s"))
+
+
+def test_ours_line_against_the_best_published_method(tmp_path: Path) -> None:
+    for seed, best in enumerate((75.7, 75.9, 76.1)):
+        make_run(tmp_path, STANDARD, "ours", best, seed=seed)
+    make_run(tmp_path, STANDARD, "ce", 72.0)  # within 1 point of 72.50: no flag
+    make_teacher(tmp_path, 78.0)
+    md = table_format.accuracy_markdown(accuracy(tmp_path))
+    # DKD is cited only by the line (no dkd run), so it gets the next footnote number after CRD's
+    assert f"[1] {CRD_SOURCE}; [2] {DKD_SOURCE}" in md
+    assert COMPARISON in md
+    assert comparison_lines(md) == [
+        "cifar:resnet32x4 → cifar:resnet8x4: ours 75.90 ± 0.16 (3 seeds) vs DKD 76.32 [2] (published, no std given), -0.42 points."]
+    assert md.index("published: CIFAR-100") < md.index(COMPARISON)  # under the table, after the sources
+    tex = table_format.accuracy_latex(accuracy(tmp_path))
+    assert "76.32" not in tex and DKD_SOURCE not in tex and CRD_SOURCE in tex  # the line is Markdown only
+
+
+def test_one_ours_seed_has_no_std_and_a_pair_without_dkd_compares_with_crd(tmp_path: Path) -> None:
+    pair = "cifar:resnet110__cifar:resnet20"
+    make_run(tmp_path, pair, "ours", 72.0, teacher_id="cifar:resnet110-t0000000")
+    md = table_format.accuracy_markdown(accuracy(tmp_path))
+    assert "published (%)" not in md  # no row has a published number: no column, but the line and its citation
+    assert comparison_lines(md) == [
+        "cifar:resnet110 → cifar:resnet20: ours 72.00 (1 seed) vs CRD 71.46 [1] (published, no std given), +0.54 points."]
+    assert f"[1] {CRD_SOURCE}." in md and DKD_SOURCE not in md
+
+
+def test_no_line_without_ours(tmp_path: Path) -> None:
+    for method, best in (("ce", 72.0), ("kd", 73.0), ("dkd", 76.0), ("fitnet", 74.0), ("ours_ce", 75.0)):
+        make_run(tmp_path, STANDARD, method, best)
+    make_teacher(tmp_path, 79.0)
+    md = table_format.accuracy_markdown(accuracy(tmp_path))
+    assert "published (%)" in md and COMPARISON not in md and " vs DKD" not in md and comparison_lines(md) == []
+
+
+def flag_case(root: Path, method: str, best: float) -> list[str]:
+    make_run(root, STANDARD, method, best)
+    return comparison_lines(table_format.accuracy_markdown(accuracy(root)))
+
+
+def test_recipe_flag_fires_beyond_one_point_for_ce_and_kd(tmp_path: Path) -> None:
+    assert published.RECIPE_GAP_POINTS == 1.0
+    cases = [("ce", 70.1, "your ce (70.10 % over 1 seed) is 2.40 points below the published student (72.50 % [1])"),
+             ("ce", 73.51, "your ce (73.51 % over 1 seed) is 1.01 points above the published student (72.50 % [1])"),
+             ("kd", 72.32, "your kd (72.32 % over 1 seed) is 1.01 points below the published KD (73.33 % [1])"),
+             ("kd", 75.0, "your kd (75.00 % over 1 seed) is 1.67 points above the published KD (73.33 % [1])")]
+    for i, (method, best, sentence) in enumerate(cases):
+        lines = flag_case(tmp_path / str(i), method, best)
+        assert lines == [f"cifar:resnet32x4 → cifar:resnet8x4: {sentence}: {RECIPE}"], (method, best)
+
+
+def test_recipe_flag_stays_quiet_within_one_point(tmp_path: Path) -> None:
+    # exactly 1 point is not more than 1 point, also where binary floats make it 1.000000000000007
+    assert 64.01 - 63.01 > 1.0 and not published.differs_from_published(63.01, 64.01)
+    assert published.differs_from_published(63.0, 64.01) and published.differs_from_published(65.02, 64.01)
+    for i, (method, best) in enumerate([("ce", 71.5), ("ce", 73.5), ("ce", 72.5), ("kd", 72.33), ("kd", 74.33), ("kd", 73.0)]):
+        root = tmp_path / str(i)
+        lines = flag_case(root, method, best)
+        assert lines == [], (method, best)
+        assert COMPARISON not in table_format.accuracy_markdown(accuracy(root))
+
+
+def test_recipe_flag_uses_the_mean_over_seeds_and_not_other_methods(tmp_path: Path) -> None:
+    for seed, best in enumerate((70.0, 72.0)):  # mean 71.00: 1.50 below 72.50, though one seed is within 1 point
+        make_run(tmp_path, STANDARD, "ce", best, seed=seed)
+    for method, best in (("sp", 60.0), ("crd", 60.0), ("dkd", 60.0)):  # far off, but not the recipe's controls
+        make_run(tmp_path, STANDARD, method, best)
+    make_teacher(tmp_path, 70.0)  # 9.42 below the published teacher: the teacher is not checked either
+    lines = comparison_lines(table_format.accuracy_markdown(accuracy(tmp_path)))
+    assert lines == [f"cifar:resnet32x4 → cifar:resnet8x4: your ce (71.00 % over 2 seeds) is 1.50 points below the published "
+                     f"student (72.50 % [1]): {RECIPE}"]
+
+
+def test_nothing_for_pairs_off_the_benchmark(tmp_path: Path) -> None:
+    cases = [
+        ("cifar100", "cifar:resnet56__cifar:resnet8x4", "cifar:resnet56-t0000000"),  # not a standard pair
+        ("cifar10", STANDARD, "cifar:resnet32x4-t0000000"),  # the standard pair on another dataset
+        ("cifar100", "resnet32x4__resnet8x4", "resnet32x4-t0000000"),  # names outside the zoo
+    ]
+    for i, (dataset, pair, teacher_id) in enumerate(cases):
+        root = tmp_path / str(i)
+        for method, best in (("ce", 50.0), ("kd", 51.0), ("ours", 52.0)):  # far from every published number
+            make_run(root, pair, method, best, dataset=dataset, teacher_id=teacher_id)
+        md = table_format.accuracy_markdown(accuracy(root))
+        assert COMPARISON not in md and comparison_lines(md) == [] and "published" not in md, pair
+
+
+def test_lines_reach_accuracy_md_and_report_html(tmp_path: Path) -> None:
+    arts, out = tmp_path / "artifacts", tmp_path / "reports"
+    make_run(arts, STANDARD, "ce", 70.1)
+    make_run(arts, STANDARD, "ours", 74.0)
+    make_run(arts, "cifar:resnet56__cifar:resnet8x4", "ours", 74.0, teacher_id="cifar:resnet56-t0000000")
+    result = report.run(arts, out)
+    ours_line = "cifar:resnet32x4 → cifar:resnet8x4: ours 74.00 (1 seed) vs DKD 76.32 [2] (published, no std given), -2.32 points."
+    for md in ((out / "accuracy.md").read_text(encoding="utf-8"), result["markdown"]["accuracy"]):
+        assert md.count(COMPARISON) == 1 and len(comparison_lines(md)) == 2 and f"- {ours_line}" in md
+        assert "your ce (70.10 % over 1 seed) is 2.40 points below the published student" in md
+    html = page.render(out)
+    assert "<li>cifar:resnet32x4 → cifar:resnet8x4: ours 74.00 (1 seed) vs DKD 76.32 [2]" in html
+    assert "configs/cifar100_kd_benchmark.yaml has its recipe" in html

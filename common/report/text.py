@@ -1,6 +1,6 @@
 """Stage 3's tables as text: Markdown and LaTeX of the frames `common.report.tables` builds, the
-headroom sentences, and the writer of accuracy.{csv,md,tex}, headroom.csv,
-epochs_to_target.{csv,md} and unfinished.{csv,md}.
+headroom sentences, the lines that read the user's numbers against the published ones, and the
+writer of accuracy.{csv,md,tex}, headroom.csv, epochs_to_target.{csv,md} and unfinished.{csv,md}.
 
 The cell helpers (`number_cell`, `text_cell`, `pm_cell`, `method_label`, `pair_label`) and
 `markdown_table` are shared with `make export`'s table and the layer study's report, so every
@@ -16,7 +16,9 @@ import pandas as pd
 
 from common.artifacts.layout import split_pair
 from common.files import atomic_write, atomic_write_text
-from common.report.published import numbered_sources
+from common.report.published import (
+    BENCHMARK_CONFIG, RECIPE_CHECKED, Published, best_published_method, differs_from_published, numbered_sources, published_method,
+)
 from common.report.stats import (
     ARI_CUTOFF, ARI_MAX, BASELINE, HEADROOM_MIN_POINTS, HEADROOM_STD_FACTOR, OURS, TEACHER, headroom_floor, headroom_too_small,
 )
@@ -68,19 +70,29 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 # ----------------------------------------------------------------------------- accuracy
 
 
-def _published_numbers(table: pd.DataFrame) -> dict[str, int]:
-    """The sources of the rows with a published number -> footnote number; empty when no row
-    has one (then neither the column nor the footnote is shown)."""
+def _has_published_column(table: pd.DataFrame) -> bool:
+    return "published" in table and bool(table["published"].notna().any())
+
+
+def _published_numbers(table: pd.DataFrame, with_comparisons: bool = True) -> dict[str, int]:
+    """The sources cited under the table -> footnote number: those of the published column's
+    cells first, then (`with_comparisons`) those of the best published methods that
+    `published_comparison_markdown` names, since a number the user ran no method for still needs
+    its citation; the column's numbers are the same either way. Empty when nothing is cited (then
+    the footnote is not shown)."""
     if "published" not in table:
         return {}
-    return numbered_sources(list(table.loc[table["published"].notna(), "published_source"]))
+    cited = list(table.loc[table["published"].notna(), "published_source"])
+    cited += [found.source for _, (_, found) in _best_published_for_ours(table)] if with_comparisons else []
+    return numbered_sources(cited)
 
 
 def _accuracy_cells(table: pd.DataFrame, sep: str) -> tuple[list[str], list[list[str]]]:
     has_val = table["best_val_mean"].notna().any()
+    has_published = _has_published_column(table)
     sources = _published_numbers(table)
     headers = ["dataset", "pair", "method", "n", "best (%)"]
-    headers += ["published (%)"] if sources else []
+    headers += ["published (%)"] if has_published else []
     headers += ["last (%)"]
     headers += ["test@best val (%)"] if has_val else []
     headers += ["gain vs ce", "ARI"]
@@ -88,7 +100,7 @@ def _accuracy_cells(table: pd.DataFrame, sep: str) -> tuple[list[str], list[list
     for _, r in table.iterrows():
         n = str(r["n_runs"]) + (f" ({r['n_dropped']} dropped)" if r["n_dropped"] else "")
         cells = [r["dataset"], pair_label(r["pair"]), method_label(r, table), n, pm_cell(r["best_mean"], r["best_std"], sep, r["n_runs"])]
-        if sources:
+        if has_published:
             cells += ["-" if pd.isna(r["published"]) else f"{r['published']:.2f} [{sources[r['published_source']]}]"]
         cells += [pm_cell(r["last_mean"], r["last_std"], sep, r["n_runs"])]
         cells += [pm_cell(r["best_val_mean"], r["best_val_std"], sep, r["n_runs"])] if has_val else []
@@ -99,10 +111,11 @@ def _accuracy_cells(table: pd.DataFrame, sep: str) -> tuple[list[str], list[list
     return headers, rows
 
 
-def published_footnote(table: pd.DataFrame) -> str:
-    """The line under the accuracy table that names each source of the published column once,
-    by the number its cells carry; '' when no row has a published number."""
-    sources = _published_numbers(table)
+def published_footnote(table: pd.DataFrame, with_comparisons: bool = True) -> str:
+    """The line under the accuracy table that names each source of the published numbers once,
+    by the number its cells (and, `with_comparisons`, the comparison lines) carry; '' when none
+    is shown."""
+    sources = _published_numbers(table, with_comparisons)
     if not sources:
         return ""
     cited = "; ".join(f"[{n}] {source}" for source, n in sources.items())
@@ -110,15 +123,69 @@ def published_footnote(table: pd.DataFrame) -> str:
             "compare the gap, not the decimals.")
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def _best_published_for_ours(table: pd.DataFrame) -> list[tuple[pd.Series, tuple[str, Published]]]:
+    """Each `ours` row with a best-epoch mean, beside the best published method of its pair
+    (`best_published_method`); rows off the benchmark are left out."""
+    if "published" not in table:
+        return []
+    found = []
+    for _, r in table[(table["method"] == OURS) & table["best_mean"].notna()].iterrows():
+        best = best_published_method(r["dataset"], r["teacher"], r["student"])
+        if best is not None:
+            found.append((r, best))
+    return found
+
+
+def published_comparison_markdown(table: pd.DataFrame) -> str:
+    """The lines under the accuracy table that read the user's numbers against the published ones,
+    per pair of the benchmark: where `ours` stands against the best published method (its mean ±
+    std over seeds, the published number, the gap in points), and one sentence for each `ce` or
+    `kd` whose mean is more than `RECIPE_GAP_POINTS` from the published number, a sign that the
+    recipe or the data differ from the benchmark's. '' when there is nothing to say: no pair of
+    the benchmark, or neither an `ours` run nor a gap."""
+    sources = _published_numbers(table)
+    ours = _best_published_for_ours(table)
+    lines = []
+    for (dataset, pair), group in table.groupby(["dataset", "pair"], sort=False):
+        where = pair_label(pair)
+        for r, (name, found) in ours:
+            if (r["dataset"], r["pair"]) != (dataset, pair):
+                continue
+            n = int(r["n_runs"])
+            lines.append(f"{where}: {method_label(r, table)} {pm_cell(r['best_mean'], r['best_std'], n=n)} ({_seeds(n)}) vs {name} "
+                         f"{found.top1:.2f} [{sources[found.source]}] (published, no std given), "
+                         f"{r['best_mean'] - found.top1:+.2f} points.")
+        checked = group[group["method"].isin(RECIPE_CHECKED) & group["published"].notna() & group["best_mean"].notna()]
+        for _, r in checked.iterrows():
+            if not differs_from_published(r["best_mean"], r["published"]):
+                continue
+            gap = r["best_mean"] - r["published"]
+            lines.append(f"{where}: your {method_label(r, table)} ({r['best_mean']:.2f} % over {_seeds(int(r['n_runs']))}) is "
+                         f"{abs(gap):.2f} points {'below' if gap < 0 else 'above'} the published {published_method(r['method'])} "
+                         f"({r['published']:.2f} % [{sources[r['published_source']]}]): a sign that the recipe or the data differ "
+                         f"from the benchmark's ({BENCHMARK_CONFIG} has its recipe).")
+    if not lines:
+        return ""
+    return "Against the published numbers (best-epoch top-1):\n\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+
+
 def accuracy_markdown(table: pd.DataFrame) -> str:
     """Mean ± population std over finished runs; gain = best-epoch mean minus the CE student's;
-    a line under the table says what the ARI column means when it holds a value, and one names
-    the sources of the published column when it is shown."""
+    a line under the table says what the ARI column means when it holds a value, one names the
+    sources of the published numbers when any is shown, and `published_comparison_markdown`
+    reads the user's numbers against them."""
     headers, rows = _accuracy_cells(table, " ± ")
     text = markdown_table(headers, rows)
     footnote = published_footnote(table)
     if footnote:
         text += f"\n{footnote}\n"
+    comparison = published_comparison_markdown(table)
+    if comparison:
+        text += f"\n{comparison}"
     if table["ari"].notna().any():
         text += (f"\nARI (average relative improvement): the gain of {OURS} over the CE student divided by each competitor's "
                  f"gain, averaged over the competitors that gained at least {ARI_CUTOFF:g} points; 200% means twice their "
@@ -192,7 +259,7 @@ def accuracy_latex(table: pd.DataFrame, caption: str = "Top-1 test accuracy (\\%
         tex[1] = " $\\to$ ".join(latex_escape(part) for part in (split_pair(str(r["pair"])) or (str(r["pair"]),)))
         lines.append(" & ".join(tex) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}"]
-    footnote = published_footnote(table)
+    footnote = published_footnote(table, with_comparisons=False)  # the comparison lines are Markdown only
     if footnote:
         lines += ["\\par\\smallskip{\\footnotesize " + latex_escape(footnote) + "}"]
     lines += [f"\\caption{{{caption}}}", "\\end{table}"]
