@@ -6,6 +6,7 @@
     text            Markdown/LaTeX formatting of the tables
     page            report.html
     exports         the table of exported students
+    published       the CIFAR-100 numbers the CRD and DKD papers report (published_cifar100.csv)
 
 `common.report` keeps the import path of the former module common/report.py: its public names
 are those of `common.report.runner`, loaded on first use (PEP 562), so that importing one
