@@ -374,7 +374,7 @@ def test_weights_made_non_finite_by_the_last_step_are_never_checkpointed(tree: T
             self.lin = torch.nn.Linear(28 * 28, 10)
             self.steps = 0
 
-        def forward(self, x, y, feats, logits):
+        def forward(self, x, y, feats, logits, step=None):
             self.steps += 1
             out = self.lin(x.flatten(1))
             if self.steps == 2 * 25:  # the last step of epoch 2: the loss is fine, the weights are not

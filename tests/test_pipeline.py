@@ -263,7 +263,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
             self.lin = torch.nn.Linear(28 * 28, 10)
             self.steps = 0
 
-        def forward(self, x, y, feats, logits):
+        def forward(self, x, y, feats, logits, step=None):
             self.steps += 1
             out = self.lin(x.flatten(1))
             loss = torch.nn.functional.cross_entropy(out, y)
