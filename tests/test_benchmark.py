@@ -78,3 +78,22 @@ def test_stage3_shows_the_published_numbers_beside_the_runs(benchmark):
     assert pd.isna(accuracy.loc["ours", "published"])  # no published number for the paper's method
     markdown = out["markdown"]["accuracy"]
     assert "published (%)" in markdown and "CRD" in markdown and "DKD" in markdown
+
+
+def test_ours_runs_under_the_benchmark_recipe_too(benchmark):
+    """configs/cifar100_kd_benchmark.yaml (SGD, multistep, crop + flip, so the teacher runs live)
+    trains the logit-free method as well as the paper's AdamW/OneCycle recipe does."""
+    tmp, cfg, *_ = benchmark
+    overrides = [
+        f"dataset.root={cfg.dataset.root}", f"artifacts={cfg.artifacts}", f"teacher.pretrained={cfg.teacher.pretrained}",
+        "method.name=ours", "profile.k=3", "profile.subset_size=200", "profile.per_class_cap=2", "profile.batch_size=100",
+        "train.epochs=2", "train.milestones=[1]", "train.batch_size=50", "train.progress=false", "train.tracker=none",
+        "profile.progress=false", "teacher_train.progress=false",
+    ]
+    bench_cfg = load_config("configs/cifar100_kd_benchmark.yaml", overrides)
+    assert (bench_cfg.train.optimizer, bench_cfg.train.schedule, bench_cfg.train.augment) == ("sgd", "multistep", True)
+    result = distill.run(bench_cfg, seeds=[0])[0]
+    metrics = pd.read_csv(result.dir / "metrics.csv")
+    assert (result.dir / "done").exists() and list(metrics["epoch"]) == [1, 2]
+    assert metrics["lr"].iloc[-1] == pytest.approx(0.05 * 0.1)  # the benchmark LR, x0.1 after the milestone
+    assert set(metrics.columns) >= {"loss_feat", "loss_ce"} and metrics["loss_feat"].gt(0).all()
