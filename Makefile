@@ -21,10 +21,10 @@ COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
-.PHONY: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality help
+.PHONY: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality help
 
 help:
-	@sed -n '1,5p' Makefile; echo; echo "targets: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-sizes bench-export bench-profile bench-quality"
+	@sed -n '1,5p' Makefile; echo; echo "targets: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality"
 
 setup:
 	@bash .ci/setup.sh
@@ -89,6 +89,11 @@ export: setup
 
 bench: setup
 	$(PY) bench/bench_epoch.py
+	$(PY) bench/bench_syncs.py
+
+# Host syncs per training step in steady state, ce and ours from the cache (issue 19's goal: <= 0.1).
+bench-syncs: setup
+	$(PY) bench/bench_syncs.py
 
 # Issue 9's ratios (run on a quiet machine): extraction with HDF5 writes vs pure inference; an
 # `ours` epoch from the cache vs `ce` at CIFAR size; the training loop vs a plain torchvision-style loop.

@@ -301,16 +301,31 @@ class FeatureCache:
         if loaded; from disk otherwise: h5py needs increasing unique indices, so sort + dedupe,
         read (one slice when the rows nearly fill their span), and undo the sort.
         """
-        index = self.rows_of(indices)
+        rows = self.rows_of(indices)
+        self.check_loaded(rows, [name])
+        return self.gather_rows(name, rows)
+
+    def check_loaded(self, rows: torch.Tensor, names: Sequence[str]) -> None:
+        """IndexError when one of `names` is held in RAM for a subset of rows (`load(rows=...)`)
+        that lacks one of file `rows` (from `rows_of`)."""
+        if self._ram_position is None or not rows.numel() or not any(name in self._ram for name in names):
+            return
+        if int(self._ram_position[rows].min()) < 0:
+            raise IndexError(f"gather asked {self.path} for rows that were not loaded into RAM")
+
+    def gather_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """`gather` by file `rows` that `rows_of` and `check_loaded` have already accepted.
+
+        It checks nothing, so it reads no index value on the host: a training epoch checks all
+        its rows at once and gathers every batch and layer with this (CachedTeacher in
+        common/train/teacher_source.py), instead of one host read per batch and layer.
+        """
         if name in self._ram:
-            if self._ram_position is not None:
-                index = self._ram_position[index]
-                if index.numel() and int(index.min()) < 0:
-                    raise IndexError(f"gather asked {self.path} for rows that were not loaded into RAM")
-            rows = self._ram[name].index_select(0, index)
+            index = rows if self._ram_position is None else self._ram_position[rows]
+            out = self._ram[name].index_select(0, index)
         else:
-            rows = torch.from_numpy(self._read_rows(self._dataset(name), index.numpy()))
-        return rows.float() if rows.is_floating_point() else rows
+            out = torch.from_numpy(self._read_rows(self._dataset(name), rows.numpy()))
+        return out.float() if out.is_floating_point() else out
 
     @staticmethod
     def _read_rows(ds: h5py.Dataset, index: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ The loop knows nothing of any method: it calls the distiller (its forward_train)
 losses. Under torchrun the same loop runs on every rank (common/train/distributed.py).
 
 Device and seeding live in common/runtime.py, the optimizer and schedule in common/train/recipes.py.
-One module at about 440 lines: setup, epoch, resume and checkpoint are the steps of one loop and
+One module at about 510 lines: setup, epoch, resume and checkpoint are the steps of one loop and
 share its state (`_Loop`, `_Progress`); apart, each would take that state as arguments.
 """
 from __future__ import annotations
@@ -42,6 +42,12 @@ log = logging.getLogger("kd")
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
+# Steps between the host's reads of the NaN flag (and of the progress bar's loss) inside an
+# epoch; the epoch's end always reads it. Each read makes a GPU's queue drain, so it costs
+# 1/50 = 0.02 host syncs per step (issue 19's goal: <= 0.1 in all), and a bad step stops the run
+# at most 49 steps later: an eighth of a CIFAR epoch (390 batches of 128). Those steps change
+# nothing that is kept (the epoch's checkpoint is written only after the read).
+NAN_CHECK_EVERY = 50
 
 
 class TeacherSource(Protocol):
@@ -291,13 +297,56 @@ def _epoch(loop: _Loop, epoch: int, progress: _Progress) -> dict[str, float]:
     return row
 
 
+class _FirstNonFinite:
+    """The first step of an epoch whose loss is not finite, and its loss terms, kept on the device.
+
+    The NaN stop used to read `isfinite(loss)` on the host before every backward: a host sync
+    per step (issue 19). Now each step only updates this flag on the device, and the host reads
+    it every NAN_CHECK_EVERY steps and at the epoch's end (`read`), where it still names the
+    first bad step and its terms. The bad step and the few after it do update the weights
+    (to NaN, usually); the run stops at the read, before the epoch's checkpoint.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # 1-based; 0: every step finite so far
+        self.terms: dict[str, torch.Tensor] = {}  # each term's value at that step
+        self.names: list[tuple[int, tuple[str, ...]]] = []  # (first step, loss names): a method's names rarely change
+
+    def update(self, step: int, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
+        """Record `step` (1-based) if its loss is the epoch's first non-finite one; no host read."""
+        names = tuple(losses)
+        if not self.names or self.names[-1][1] != names:
+            self.names.append((step, names))
+        first = (self.step == 0) & ~torch.isfinite(loss.detach())
+        self.step = torch.where(first, step, self.step)
+        for name, value in losses.items():
+            value = value.detach().double()
+            self.terms[name] = torch.where(first, value, self.terms[name]) if name in self.terms else torch.where(first, value, torch.nan)
+
+    def read(self, *extra: torch.Tensor) -> tuple[int, list[float]]:
+        """(the first bad step, 0 if none; `extra` scalars' values), in one host read."""
+        values = torch.stack([self.step.double(), *(e.detach().double() for e in extra)]).tolist()
+        return int(values[0]), values[1:]
+
+    def bad_terms(self, step: int) -> dict[str, float]:
+        """Loss terms of the bad `step` (after `read` found it), named as that step named them."""
+        names = [names for start, names in self.names if start <= step][-1]
+        return {name: float(self.terms[name]) for name in names}
+
+
 def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator: torch.Generator, progress: _Progress) -> dict[str, float]:
-    """One epoch of steps; the epoch's training metrics (summed over ranks), time and speed."""
+    """One epoch of steps; the epoch's training metrics (summed over ranks), time and speed.
+
+    No host read inside a step (issue 19): losses and accuracy add up on the device, the NaN flag
+    is read every NAN_CHECK_EVERY steps (the progress bar's loss with it) and at the end, with
+    the weight check, in one read.
+    """
     cfg, data, device = loop.cfg, loop.data, loop.device
     loop.model.train()
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), dtype=torch.int64, device=device)
     losses: dict[str, torch.Tensor] = {}
+    bad = _FirstNonFinite(device)
     seen = 0
     tic = time.perf_counter()
     show = cfg.progress and loop.ranks.is_main
@@ -312,22 +361,29 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
             # every method gets the same call; `Step` carries what only some use (CRD, DKD)
             logits, losses = loop.net(x, y, t_feats, t_logits, Step(idx.to(device, non_blocking=True), epoch))
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise _not_finite(f"loss is not finite at epoch {epoch}, step {step + 1} of {len(batches)}", losses, progress.rows, loop.run_dir)
+        bad.update(step + 1, loss, losses)
         loop.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         loop.optimizer.step()
         loop.scheduler.step()
-        # Accumulated on the device: no host sync per step beyond the NaN check.
+        # Accumulated on the device: no host sync per step.
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.detach().double()
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(idx)
-        if not bar.disable and step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
+        if (step + 1) % NAN_CHECK_EVERY == 0 and step + 1 < len(batches):
+            # the bar's loss comes with the flag, in the same read, and only when the bar is shown
+            bad_step, shown = bad.read(*([] if bar.disable else [loss]))
+            _stop_if_not_finite(bad, bad_step, epoch, len(batches), progress.rows, loop.run_dir)
+            if shown:
+                bar.set_postfix(loss=f"{shown[0]:.4f}", img_s=f"{seen / (time.perf_counter() - tic):.0f}")
     epoch_time = time.perf_counter() - tic
-    if not _finite_state(loop.model):  # the last step made the weights inf/NaN: never checkpoint them
-        raise _not_finite(f"the weights are not finite after the last step of epoch {epoch} (step {len(batches)})", losses, progress.rows, loop.run_dir)
+    # The flag and the weights in one read; the flag first: a bad loss explains bad weights.
+    bad_step, (weights_finite,) = bad.read(_finite_state(loop.model, device))
+    _stop_if_not_finite(bad, bad_step, epoch, len(batches), progress.rows, loop.run_dir)
+    if not weights_finite:  # the last step made the weights inf/NaN: never checkpoint them
+        last = {name: float(value.detach()) for name, value in losses.items()}
+        raise _not_finite(f"the weights are not finite after the last step of epoch {epoch} (step {len(batches)})", last, progress.rows, loop.run_dir)
     # One reduction per epoch: every loss term's sum, the correct count, the images seen.
     names = list(sums)
     counts = torch.stack([correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)])
@@ -422,9 +478,15 @@ def finish(run_dir: Path, result: FitResult) -> None:
     (run_dir / CHECKPOINT).unlink(missing_ok=True)
 
 
-def _not_finite(what: str, losses: dict[str, torch.Tensor], rows: list[dict[str, float]], run_dir: Path) -> TrainingError:
+def _stop_if_not_finite(bad: _FirstNonFinite, bad_step: int, epoch: int, steps: int, rows: list[dict[str, float]], run_dir: Path) -> None:
+    """The NaN stop, once `bad.read` has found a bad step (0: none)."""
+    if bad_step:
+        raise _not_finite(f"loss is not finite at epoch {epoch}, step {bad_step} of {steps}", bad.bad_terms(bad_step), rows, run_dir)
+
+
+def _not_finite(what: str, losses: dict[str, float], rows: list[dict[str, float]], run_dir: Path) -> TrainingError:
     """The NaN stop's one line: where, each loss term (named as in metrics.csv), what is kept."""
-    terms = ", ".join(f"loss_{k}={float(v.detach()):.4g}" for k, v in losses.items())
+    terms = ", ".join(f"loss_{k}={v:.4g}" for k, v in losses.items())
     kept = (
         f"the last good checkpoint, epoch {int(rows[-1]['epoch'])}, is kept in {run_dir}"
         if rows
@@ -433,9 +495,12 @@ def _not_finite(what: str, losses: dict[str, torch.Tensor], rows: list[dict[str,
     return TrainingError(f"{what} ({terms}); {kept}; lower train.lr or check the inputs")
 
 
-def _finite_state(model: nn.Module) -> bool:
-    """Every floating parameter and buffer (BatchNorm statistics too) is finite; one check per epoch."""
-    return all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
+def _finite_state(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """Whether every floating parameter and buffer (BatchNorm statistics too) is finite, as one
+    device scalar: the per-tensor checks reduced on the device, so the host reads it once per
+    epoch (it read each tensor's, 132 for ResNet9: issue 19)."""
+    checks = [torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()]
+    return torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool, device=device)
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

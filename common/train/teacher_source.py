@@ -44,7 +44,8 @@ class CachedTeacher:
         self, cache: FeatureCache, layers: list[int], logits: bool, device: torch.device, max_ram_bytes: int, rows: torch.Tensor | None = None
     ) -> None:
         self.cache, self.layers, self.logits, self.device = cache, layers, logits, device
-        names = [layer_name(i) for i in layers] + (["logits"] if logits else [])
+        self.names = names = [layer_name(i) for i in layers] + (["logits"] if logits else [])
+        self._epoch_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # In RAM (only the training rows) when they fit, else read from disk; either way every
         # dataset is checked against its checksum before training starts (`load` checks what it
         # reads). Where the rows live never changes the batch order (`block_order`).
@@ -58,10 +59,33 @@ class CachedTeacher:
         """Random batches; for a cache too large for random reads from disk, shuffled blocks of
         contiguous file rows (each batch reads one or two regions)."""
         if not self.block_order:
-            return epoch_batches(indices, batch_size, generator)
-        return epoch_batches(indices, batch_size, generator, block_size=self.block_size, file_rows=self.cache.rows_of(indices))
+            batches = epoch_batches(indices, batch_size, generator)
+        else:
+            batches = epoch_batches(indices, batch_size, generator, block_size=self.block_size, file_rows=self.cache.rows_of(indices))
+        self._epoch_rows = self._check_rows(batches)
+        return batches
+
+    def _check_rows(self, batches: list[torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The file rows of every batch of an epoch, checked once for the whole epoch (a missing
+        row is a CacheError before its first step), keyed by the batch tensor's identity.
+
+        The check reads a value on the host (`absent.any()`): once per batch and layer it was a
+        host sync inside every step (issue 19), now it is one per epoch. The batch tensor is
+        kept beside its rows, so an id is never matched by another tensor that reuses it.
+        """
+        if not batches:
+            return {}
+        rows = self.cache.rows_of(torch.cat(batches))
+        self.cache.check_loaded(rows, self.names)
+        return {id(b): (b, r) for b, r in zip(batches, rows.split([len(b) for b in batches]))}
 
     def batch(self, indices: torch.Tensor, images: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        feats = {i: self.cache.gather(layer_name(i), indices).to(self.device, non_blocking=True) for i in self.layers}
-        logits = self.cache.gather("logits", indices).to(self.device, non_blocking=True) if self.logits else None
+        known = self._epoch_rows.get(id(indices))
+        if known is not None and known[0] is indices:
+            rows = known[1]
+        else:  # a batch of no `batch_order` (a test, a benchmark): checked here
+            rows = self.cache.rows_of(indices)
+            self.cache.check_loaded(rows, self.names)
+        feats = {i: self.cache.gather_rows(layer_name(i), rows).to(self.device, non_blocking=True) for i in self.layers}
+        logits = self.cache.gather_rows("logits", rows).to(self.device, non_blocking=True) if self.logits else None
         return feats, logits
