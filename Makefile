@@ -21,10 +21,10 @@ COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
-.PHONY: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality help
+.PHONY: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality gpu-check help
 
 help:
-	@sed -n '1,5p' Makefile; echo; echo "targets: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality"
+	@sed -n '1,5p' Makefile; echo; echo "targets: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality gpu-check"
 
 setup:
 	@bash .ci/setup.sh
@@ -120,3 +120,10 @@ bench-quality: setup
 # The four registry students at full width on CIFAR-100 shapes: export, check, latency table.
 bench-export: setup
 	$(PY) bench/bench_export.py --threads 1
+
+# One GPU, at most 8 minutes: the `cuda` tests (tests/test_cuda.py) and the speed figures of issue 19,
+# in one summary naming the GPU, driver and torch: $(ARTIFACTS)/gpu_check/gpu_check.{md,json}.
+# GPU_CHECK_ARGS="--device cpu --tiny" runs the same script at toy sizes on a machine without one.
+GPU_CHECK_ARGS ?=
+gpu-check: setup-test
+	$(PY) bench/gpu_check.py --out $(ARTIFACTS)/gpu_check $(GPU_CHECK_ARGS)

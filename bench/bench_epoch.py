@@ -103,8 +103,9 @@ def bench(cfg: Config, data: Data, variants: dict[str, dict[str, str]], repeats:
         breakdown(cfg, data, passes, channels_last)
 
 
-def epoch_table(cfg: Config, data: Data, variants: dict[str, dict[str, str]], repeats: int) -> None:
-    """Whole stage-2 runs of one epoch each (common.distill.run, so the project's loop), interleaved."""
+def epoch_table(cfg: Config, data: Data, variants: dict[str, dict[str, str]], repeats: int) -> dict[str, list[float]]:
+    """Whole stage-2 runs of one epoch each (common.distill.run, so the project's loop), interleaved;
+    prints the table and returns each variant's epoch seconds per repeat (bench/gpu_check.py)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for rep in range(repeats):
         names = list(variants) if rep % 2 == 0 else list(variants)[::-1]  # a drift in load favours none
@@ -134,6 +135,7 @@ def epoch_table(cfg: Config, data: Data, variants: dict[str, dict[str, str]], re
     if "ours (cache)" in times and "ours (live teacher)" in times:
         cache_vs_live = statistics.median(times["ours (cache)"]) / statistics.median(times["ours (live teacher)"])
         print(f"ours cache / ours live = {cache_vs_live:.2f}")
+    return times
 
 
 def breakdown(cfg: Config, data: Data, passes: int, channels_last: bool) -> None:

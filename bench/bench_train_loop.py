@@ -80,12 +80,16 @@ def run_fit(role: Role, data: Data, rows: torch.Tensor, seed: int) -> float:
     return float(result.metrics["images_per_s"].iloc[0])
 
 
-def run_plain(role: Role, data: Data, images: torch.Tensor, labels: torch.Tensor, seed: int, channels_last: bool = False) -> float:
+def run_plain(
+    role: Role, data: Data, images: torch.Tensor, labels: torch.Tensor, seed: int, channels_last: bool = False, amp: bool = False
+) -> float:
     """Images/s of one epoch of the plain loop on pre-normalized float images (drop_last, shuffled).
 
     channels_last: the model's weights (and so its activations) in NHWC, as
     `model.to(memory_format=torch.channels_last)` in the torchvision recipe's spirit; the
     input batch stays NCHW (the first convolution takes the weights' layout).
+    amp: the forward under bfloat16 autocast, as fit runs it on CUDA (train.amp), so that the
+    two loops do the same arithmetic there.
     """
     device = images.device
     model = new_model(role, data, seed).to(device)
@@ -103,7 +107,8 @@ def run_plain(role: Role, data: Data, images: torch.Tensor, labels: torch.Tensor
         idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         x, y = images[idx], labels[idx]
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -160,7 +165,8 @@ def bench(cfg: Config, data: Data, repeats: int, images: int | None, other_layou
         def run(variant: str, seed: int) -> float:
             if variant == "fit":
                 return run_fit(role, data, rows, seed)
-            return run_plain(role, data, x_all, y_all, seed, channels_last=role.train.channels_last != (variant == "plain, other layout"))
+            return run_plain(role, data, x_all, y_all, seed, channels_last=role.train.channels_last != (variant == "plain, other layout"),
+                             amp=role.train.amp and device.type == "cuda")
 
         for variant in variants:  # warm-up (allocator, oneDNN primitives), not counted
             run(variant, seed=100)

@@ -24,3 +24,4 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "stages: starts the stage scripts or runs whole stages (minutes); `make test-fast` deselects them"
     )
+    config.addinivalue_line("markers", "cuda: runs on the CPU and, where torch sees CUDA, on the GPU too; `make gpu-check` selects them")

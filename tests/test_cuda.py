@@ -1,0 +1,389 @@
+"""The checks `make gpu-check` runs on a GPU (marker `cuda`), each on the CPU everywhere and also
+on CUDA where torch sees one (issue 19 item 5).
+
+Every test is parametrized over DEVICES: "cpu", plus "cuda" only when `torch.cuda.is_available()`,
+so without a GPU the CUDA cases are not generated (never skipped), and the CPU cases run as any
+other test. What each checks on a device:
+
+- every stage puts its work there: stage 1's teacher training, S/I/E/Q and feature extraction
+  (`teacher_train.device`, `profile.device`), stage 2's student and the cached teacher features
+  it receives (`train.device`); stage 3 imports no torch (tests/test_layout.py) and has no device;
+- the loss formulas under bfloat16 autocast against float32, within bfloat16 noise;
+- the streaming S/I/E/Q on the device equal to `layer_stats` on the CPU to 1e-5 relative;
+- a 2-epoch `ce` and `ours` run whose accuracy is within seed noise of the CPU's (on the CPU:
+  the same numbers);
+- `KD_DETERMINISTIC=1` repeating bit for bit (two processes);
+- an interrupted run resuming to the uninterrupted run's metrics.
+
+The runs use learnable CIFAR-shaped data (bench/bench_profile_scale.py's generator: a blocky
+picture per class plus noise, 10 classes): on tests/fakedata.py's random pixels every run sits at
+chance, where two accuracies cannot tell a broken device path from a working one.
+"""
+from __future__ import annotations
+
+import inspect
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import common.train.loop as train_loop
+from bench.bench_profile_scale import write_cifar100
+from common import distill
+from common.config import Config, to_dict
+from common.data.registry import Data, load_data
+from common.methods import losses
+from common.profile import features as features_mod
+from common.profile import runner as profile
+from common.profile import stats as stats_mod
+from common.quality import stream as stream_mod
+from common.quality.formulas import layer_stats
+from common.quality.stream import stream_layer_stats
+from common.runtime import DETERMINISTIC_ENV
+from common.train import teacher_source
+from tests.stages import ENV, run_stage
+from tests.test_pipeline import tiny_config
+
+pytestmark = pytest.mark.cuda
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CLASSES = 10  # chance is 10 %
+N_TRAIN, N_TEST = 400, 100  # 100 test images: one is 1 point of accuracy
+TIMING = ["epoch_time_s", "images_per_s", "elapsed_s"]  # metrics.csv columns that measure time, not results
+
+
+def device_config(tmp: Path, dev: str, *extra: str) -> Config:
+    """tests/test_pipeline.py's tiny settings on the learnable data, every stage on `dev`."""
+    root = tmp / "cifar"
+    if not root.exists():
+        write_cifar100(root, N_TRAIN, N_TEST, classes=CLASSES)
+    return tiny_config(
+        tmp, "dataset.name=cifar100", f"dataset.root={root}",
+        f"teacher_train.device={dev}", f"train.device={dev}", f"profile.device={dev}",
+        "teacher_train.tracker=none", "train.tracker=none", *extra,
+    )
+
+
+def run_method(cfg: Config, method: str, seed: int = 0) -> Path:
+    cfg.method.name = method
+    return distill.run(cfg, seeds=[seed])[0].dir
+
+
+def results(metrics: pd.DataFrame) -> pd.DataFrame:
+    return metrics.drop(columns=[c for c in TIMING if c in metrics.columns])
+
+
+def _bound(real: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call by name, however the caller passed them."""
+    return inspect.signature(real).bind(*args, **kwargs).arguments
+
+
+def _types(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> set[str]:
+    return {t.device.type for t in tensors}
+
+
+# ----------------------------------------------------------------------------- one pipeline per device
+
+
+@dataclass
+class Pipeline:
+    """Stage 1 and stage 2 (ce, ours) on one device, with where each step's tensors were."""
+
+    device: str
+    cfg: Config
+    data: Data
+    seen: dict[str, set[str]]  # step -> device types of its tensors
+    metrics: dict[str, pd.DataFrame]  # method -> metrics.csv (seed 0)
+
+
+def _spy(mp: pytest.MonkeyPatch, seen: dict[str, set[str]], phase: list[str]) -> None:
+    """Record the device of the tensors at each step's boundary; behaviour is unchanged."""
+    real_eval = train_loop.evaluate
+
+    def evaluate(*args, **kwargs):
+        a = _bound(real_eval, args, kwargs)
+        seen[f"{phase[0]}: model"] |= _types(a["model"].parameters()) | _types(a["model"].buffers())
+        seen[f"{phase[0]}: evaluate"].add(torch.device(a["device"]).type)
+        return real_eval(*args, **kwargs)
+
+    real_stream = stats_mod.stream_layer_stats
+
+    def stream(*args, **kwargs):
+        a = _bound(real_stream, args, kwargs)
+        source = a.pop("source")
+        seen["S/I/E/Q: device"].add(a["device"].type)
+
+        def watched(positions, layers):
+            out = source(positions, layers)
+            seen["S/I/E/Q: teacher features"] |= _types(list(out.values()))
+            return out
+
+        return real_stream(watched, **a)
+
+    real_gram = stream_mod.accumulate_gram
+
+    def accumulate_gram(gram, x):
+        seen["S/I/E/Q: Gram accumulators"].add(gram.device.type)
+        return real_gram(gram, x)
+
+    real_extract = features_mod.extract_batches
+
+    def extract_batches(*args, **kwargs):
+        a = _bound(real_extract, args, kwargs)
+        seen[f"{phase[0]}: extraction teacher"] |= _types(a["teacher"].parameters())
+        seen[f"{phase[0]}: extraction device"].add(a["device"].type)
+        for batch in real_extract(*args, **kwargs):
+            seen[f"{phase[0]}: extracted rows"] |= _types(list(batch.values()))
+            yield batch
+
+    real_batch = teacher_source.CachedTeacher.batch
+
+    def batch(self, indices, images):
+        feats, logits = real_batch(self, indices, images)
+        seen[f"{phase[0]}: cached teacher features"] |= _types(list(feats.values()) + ([logits] if logits is not None else []))
+        return feats, logits
+
+    mp.setattr(train_loop, "evaluate", evaluate)
+    mp.setattr(stats_mod, "stream_layer_stats", stream)
+    mp.setattr(stream_mod, "accumulate_gram", accumulate_gram)
+    mp.setattr(features_mod, "extract_batches", extract_batches)
+    mp.setattr(teacher_source.CachedTeacher, "batch", batch)
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def pipeline(request, tmp_path_factory) -> Pipeline:
+    dev = request.param
+    cfg = device_config(tmp_path_factory.mktemp(f"pipeline_{dev}"), dev)
+    data = load_data(cfg.dataset)
+    seen: dict[str, set[str]] = defaultdict(set)
+    phase = ["stage 1"]
+    with pytest.MonkeyPatch.context() as mp:
+        _spy(mp, seen, phase)
+        profile.run(cfg, data)
+        metrics = {}
+        for method in ("ce", "ours"):
+            phase[0] = f"stage 2 {method}"
+            metrics[method] = pd.read_csv(run_method(cfg, method) / "metrics.csv")
+    return Pipeline(dev, cfg, data, dict(seen), metrics)
+
+
+def test_every_stage_works_on_the_configured_device(pipeline):
+    dev, seen = pipeline.device, pipeline.seen
+    expected = {
+        # stage 1: the teacher trains, S/I/E/Q accumulates and the cache is extracted on profile.device ...
+        "stage 1: model": dev, "stage 1: evaluate": dev,
+        "S/I/E/Q: device": dev, "S/I/E/Q: teacher features": dev, "S/I/E/Q: Gram accumulators": dev,
+        "stage 1: extraction teacher": dev, "stage 1: extraction device": dev,
+        # ... and the rows go to the CPU for the HDF5 writer thread
+        "stage 1: extracted rows": "cpu",
+        # stage 2: the student (and its projectors) live on train.device, and so do the cached
+        # teacher features it is handed per batch
+        "stage 2 ce: model": dev, "stage 2 ce: evaluate": dev,
+        "stage 2 ours: model": dev, "stage 2 ours: evaluate": dev, "stage 2 ours: cached teacher features": dev,
+    }
+    assert {step: seen.get(step) for step in expected} == {step: {d} for step, d in expected.items()}
+    assert "stage 2 ce: cached teacher features" not in seen  # ce needs no teacher
+
+
+# ----------------------------------------------------------------------------- accuracy against the CPU
+
+
+@pytest.fixture(scope="module")
+def cpu_reference(tmp_path_factory) -> tuple[Config, dict[str, pd.DataFrame]]:
+    """The same pipeline on the CPU in its own directory (seed 0)."""
+    cfg = device_config(tmp_path_factory.mktemp("reference_cpu"), "cpu")
+    return cfg, {method: pd.read_csv(run_method(cfg, method) / "metrics.csv") for method in ("ce", "ours")}
+
+
+@pytest.mark.parametrize("method", ["ce", "ours"])
+def test_accuracy_on_the_device_is_within_noise_of_the_cpu(pipeline, cpu_reference, method):
+    ref_cfg, ref = cpu_reference
+    got, want = pipeline.metrics[method], ref[method]
+    final = float(got["test_acc"].iloc[-1])
+    assert final >= 3 * 100 / CLASSES, f"{method} on {pipeline.device} stayed near chance: {final:.0f} %"
+    if pipeline.device == "cpu":
+        # two fresh CPU pipelines, same seed: the same numbers (a run is fixed by its seed)
+        pd.testing.assert_frame_equal(results(got), results(want), check_exact=True)
+        return
+    # bfloat16 autocast and other float orders on the GPU: compare with how much the CPU's own
+    # accuracy moves between seeds (seeds 1 and 2 measured here), at least 5 points (5 images)
+    spread = [float(want["test_acc"].iloc[-1])]
+    for seed in (1, 2):
+        spread.append(float(pd.read_csv(run_method(ref_cfg, method, seed) / "metrics.csv")["test_acc"].iloc[-1]))
+    noise = max(5.0, 2 * (max(spread) - min(spread)))
+    assert abs(final - spread[0]) <= noise, f"{method}: {final:.1f} % on {pipeline.device}, CPU seeds {spread}"
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class _Killed(KeyboardInterrupt):
+    """What an interrupt leaves: no `failed` marker, a checkpoint to resume from."""
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    """KD_DETERMINISTIC=1 for this test, with torch's global switches put back afterwards."""
+    monkeypatch.setenv(DETERMINISTIC_ENV, "1")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # set by resolve_device, undone by monkeypatch
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = state[2], state[3]
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_metrics(pipeline, deterministic, monkeypatch):
+    """`ours` (student, projector, cached features, optimizer, schedule and RNG state all in the
+    checkpoint) stopped in epoch 2 after epoch 1's checkpoint, then run again; both runs under
+    KD_DETERMINISTIC=1, so on a GPU too the same numbers are expected, not merely close ones."""
+    cfg = pipeline.cfg
+    whole = run_method(cfg, "ours", seed=1)
+    reference = pd.read_csv(whole / "metrics.csv")
+    shutil.rmtree(whole)
+    real = train_loop.evaluate
+    calls = [0]
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:  # epoch 2's evaluation: epoch 1's checkpoint is on disk
+            raise _Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "evaluate", killed_in_epoch_2)
+    with pytest.raises(_Killed):
+        run_method(cfg, "ours", seed=1)
+    assert torch.load(whole / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert not (whole / "done").exists() and not (whole / "failed").exists()
+    calls[0] = 2  # from here on each evaluation is counted and passes
+    run_method(cfg, "ours", seed=1)
+    resumed = pd.read_csv(whole / "metrics.csv")
+    assert calls[0] == 3, "the rerun started over instead of resuming after epoch 1"  # one evaluation: epoch 2's
+    assert (whole / "done").exists() and list(resumed["epoch"]) == [1, 2]
+    pd.testing.assert_frame_equal(results(resumed), results(reference), check_exact=True)
+
+
+# ----------------------------------------------------------------------------- KD_DETERMINISTIC=1
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_deterministic_runs_repeat_bit_for_bit(dev, tmp_path):
+    """Two `stage2_distill.py --method ours` processes from nothing (teacher, profile, cache,
+    student) with KD_DETERMINISTIC=1: every result file the same except its timing columns."""
+    cfg = device_config(tmp_path, dev)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    env = {**ENV, DETERMINISTIC_ENV: "1"}
+    for run in ("a", "b"):
+        out = run_stage("s2", ["--config", str(config), "--artifacts", str(tmp_path / run), "--method", "ours", "--quiet"], env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.csv"))
+    names = {p.name for p in files}
+    assert {"metrics.csv", "quality.csv", "layer_stats.csv"} <= names and len([p for p in files if p.name == "metrics.csv"]) == 2
+    for rel in files:  # the teacher's and the student's metrics.csv, layer_stats.csv, quality.csv
+        a, b = pd.read_csv(tmp_path / "a" / rel), pd.read_csv(tmp_path / "b" / rel)
+        pd.testing.assert_frame_equal(results(a), results(b), check_exact=True, obj=str(rel))
+    student = next(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("student.pt"))
+    weights = [torch.load(tmp_path / run / student, weights_only=False)["last"] for run in ("a", "b")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+# ----------------------------------------------------------------------------- streaming S/I/E/Q
+
+
+def _layers(n: int, classes: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Three layers of ReLU features around class means, float32 as a teacher gives them."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(classes).repeat_interleave(n // classes)
+    shapes = {0: (4, 6, 6), 1: (40,), 2: (3, 8)}  # a feature map, a vector, ViT-like tokens
+    layers = {}
+    for i, shape in shapes.items():
+        means = 2 * torch.randn(classes, *shape, generator=g)
+        layers[i] = (means[y] + torch.randn(len(y), *shape, generator=g)).relu()
+    return layers, y
+
+
+STAT_KEYS = ["S", "I", "E", "Q", "sqrtIE", "AvgIntra", "AvgInter", "AvgMinIntra", "AvgNorm", "AvgMinInterDist", "SVDE", "T", "PCAGID", "K", "D"]
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 30 * 30 * 8 + 30 * 4 * 16])  # one pass / 16-column slices, re-check rows recomputed
+@pytest.mark.parametrize("dev", DEVICES)
+def test_streaming_quality_on_the_device_equals_layer_stats_on_the_cpu(dev, budget, monkeypatch):
+    layers, y = _layers(60, classes=5)
+    a, b = torch.arange(0, 60, 2), torch.arange(1, 60, 2)  # A: 30 rows, B: the other 30, as positions of one pool
+    device = torch.device(dev)
+    grams: set[str] = set()
+    real_gram = stream_mod.accumulate_gram
+
+    def accumulate_gram(gram, x):
+        grams.add(gram.device.type)
+        return real_gram(gram, x)
+
+    monkeypatch.setattr(stream_mod, "accumulate_gram", accumulate_gram)
+
+    def source(positions: torch.Tensor, wanted: list[int]) -> dict[int, torch.Tensor]:
+        return {i: layers[i][positions].to(device) for i in wanted}
+
+    shapes = {i: tuple(x.shape[1:]) for i, x in layers.items()}
+    stats = stream_layer_stats(source, shapes, a, y[a], b, y[b], 50_000, device=device, budget_bytes=budget, batch_size=7)
+    assert grams == {dev}
+    for i, x in layers.items():
+        expected = layer_stats(x[a], y[a], x[b], y[b], 50_000, device="cpu")
+        for key in STAT_KEYS:
+            # abs: a statistic that is 0 on one device may be ~1e-17 on the other
+            assert stats[i][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-12), (i, key)
+
+
+# ----------------------------------------------------------------------------- losses under bf16 autocast
+
+B = 8
+# name -> (function, inputs as (shape, arrives in the autocast dtype?), full precision inside?)
+# Inputs that are network outputs arrive in bfloat16 under autocast (a convolution's or a linear
+# layer's); pair losses and attention weights arrive as the float32 that the losses return.
+LOSSES: dict[str, tuple[Callable[..., torch.Tensor], list[tuple[tuple[int, ...], bool]], bool]] = {
+    "standardize_logits": (losses.standardize_logits, [((B, 10), True)], True),
+    "kd_loss": (lambda s, t: losses.kd_loss(s, t, 4.0), [((B, 10), True), ((B, 10), True)], True),
+    "kd_loss standardized": (lambda s, t: losses.kd_loss(s, t, 4.0, standardize=True), [((B, 10), True), ((B, 10), True)], True),
+    "feature_mse (teacher pooled)": (losses.feature_mse, [((B, 16, 4, 4), True), ((B, 16, 8, 8), True)], True),
+    "feature_mse_per_sample": (losses.feature_mse_per_sample, [((B, 16, 4, 4), True), ((B, 16, 4, 4), True)], True),
+    "fkd_loss": (lambda p, q, w: losses.fkd_loss([p, q], [1.0, w], 2), [((B,), False), ((B,), False), ((B,), False)], True),
+    "batch_gram": (losses.batch_gram, [((B, 16, 4, 4), True)], True),
+    "normalized_gram": (losses.normalized_gram, [((B, 16, 4, 4), True)], True),
+    "row_normalized_gram": (losses.row_normalized_gram, [((B, 16, 4, 4), True)], True),
+    "similarity_preserving_ref_loss": (losses.similarity_preserving_ref_loss, [((B, 16, 4, 4), True), ((B, 32, 2, 2), True)], True),
+    "similarity_preserving_loss": (losses.similarity_preserving_loss, [((B, 16, 4, 4), True), ((B, 32, 2, 2), True)], True),
+    # the attention logits q k^T are a plain matmul, which autocast runs in bfloat16 (on the CPU
+    # the softmax too): within bfloat16 noise only
+    "semckd_attention": (losses.semckd_attention, [((B, 3, 12), True), ((B, 4, 12), True)], False),
+    "semckd_loss": (losses.semckd_loss, [((B, 3, 4), False), ((B, 3, 4), False)], True),
+}
+# bfloat16 keeps 8 significant bits: inputs rounded by up to 2^-9 relative, a handful of which
+# add up in a loss; 3e-2 is several of those roundings, far below what a wrong formula changes.
+# Entries near 0 (standardized logits, Gram entries) carry the error of their inputs' scale, so
+# the absolute tolerance is that fraction of the result's largest entry.
+BF16_RTOL = 3e-2
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("dev", DEVICES)
+def test_losses_under_bf16_autocast_match_float32(dev, name):
+    fn, specs, full_inside = LOSSES[name]
+    g = torch.Generator().manual_seed(0)
+    exact = [torch.randn(shape, generator=g).abs().to(dev) + (0.0 if low else 0.1) for shape, low in specs]
+    arriving = [x.bfloat16() if low else x for x, (_, low) in zip(exact, specs)]
+    want = fn(*exact)
+    with torch.autocast(device_type=dev, dtype=torch.bfloat16):
+        got = fn(*arriving)
+    assert got.device.type == dev and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, rtol=BF16_RTOL, atol=BF16_RTOL * float(want.abs().max()))
+    if full_inside:
+        # computed in float32 from the bfloat16 inputs: the input rounding is the only error left
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, fn(*[x.float() for x in arriving]), rtol=1e-5, atol=1e-6)
