@@ -87,6 +87,10 @@ class TrainConfig:
     amp: bool = True  # bfloat16 autocast, used only on CUDA
     channels_last: bool = True  # NHWC weights and activations (CNNs; cuDNN and oneDNN convolutions skip a layout change)
     teacher_source: str = "auto"  # auto | cache | live; auto = cache unless augment is on
+    # auto | resident | prefetch: the training images on the device once (auto: when they fit half
+    # the free device memory; always on the CPU, where that is the RAM copy), or gathered on the
+    # host by a thread and copied ahead of the step (common/train/inputs.py). Never changes a number.
+    input_path: str = "auto"
     progress: bool = True
     tracker: str = "tensorboard"  # tensorboard (event files in the run's tb/) | wandb | trackio | none
 
@@ -325,6 +329,7 @@ def _type_name(tp: Any) -> str:
 
 CACHE_DTYPES = ("float16", "float32")
 TEACHER_SOURCES = ("auto", "cache", "live")
+INPUT_PATHS = ("auto", "resident", "prefetch")  # common.train.inputs.MODES
 # The layer-ranking criteria of METHOD 6.5 (profile.criterion, the layer words of a method), one
 # home for torch-free readers too (stage 3, the study).
 CRITERIA = ("Q", "S", "I", "E", "sqrtIE")
@@ -458,6 +463,7 @@ def _check_train(where: str, t: TrainConfig) -> None:
     _seed(f"{where}.seed", t.seed)
     _require(t.device.strip() != "", f"{where}.device is empty; use auto, cpu, cuda or cuda:N")
     _require(t.teacher_source in TEACHER_SOURCES, f"{where}.teacher_source is '{t.teacher_source}'; use one of {', '.join(TEACHER_SOURCES)}")
+    _require(t.input_path in INPUT_PATHS, f"{where}.input_path is '{t.input_path}'; use one of {', '.join(INPUT_PATHS)}")
     _require(
         not (t.augment and t.teacher_source == "cache"),
         f"{where}.augment=true needs the live teacher (cached features would be stale); set {where}.teacher_source=live or auto",

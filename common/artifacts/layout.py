@@ -88,7 +88,7 @@ def mark_failed(run_dir: Path, exc: BaseException) -> None:
 
 
 # Settings that never change what a run produces.
-_RUNTIME_ONLY = ("progress", "device", "eval_batch_size", "teacher_source", "seed", "tracker")
+_RUNTIME_ONLY = ("progress", "device", "eval_batch_size", "teacher_source", "seed", "tracker", "input_path")
 
 
 # Settings read only by one optimizer or one schedule: left out of the key of the others.

@@ -36,6 +36,7 @@ from common.data.registry import Data, augment_batch
 from common.train.distributed import SINGLE, Ranks
 from common.errors import ConfigError, TrainingError
 from common.methods.base import Step
+from common.train.inputs import PrefetchedImages, ResidentImages, images_on_device
 from common.files import atomic_torch_save, atomic_write, atomic_write_text, atomic_write_yaml
 
 log = logging.getLogger("kd")
@@ -146,6 +147,7 @@ class _Loop:
     rows: torch.Tensor  # this rank's training positions
     batch_size: int  # this rank's share of the batch
     teacher: TeacherSource | None
+    images: ResidentImages | PrefetchedImages  # the training images on the device (common/train/inputs.py)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
@@ -261,6 +263,7 @@ def _setup(
         rows=rows,
         batch_size=batch_size,
         teacher=teacher,
+        images=images_on_device(data.train.images, rows, device, cfg.input_path),
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg, steps),
         device=device,
@@ -351,8 +354,10 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
     tic = time.perf_counter()
     show = cfg.progress and loop.ranks.is_main
     bar = tqdm(batches, desc=f"{loop.desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True, unit="batch")  # None: off when not a terminal
-    for step, idx in enumerate(bar):
-        x = data.normalize(data.train.images[idx], device)
+    # The images come from the device (resident) or a prefetching thread, always images[idx] of
+    # this order, so the path never changes a number.
+    for step, (idx, raw) in enumerate(zip(bar, loop.images.epoch(batches))):
+        x = data.normalize(raw, device)
         if cfg.augment:
             x = augment_batch(x, generator)
         y = data.train.labels[idx].to(device, non_blocking=True)
