@@ -14,6 +14,8 @@ own bank, updated from its own shard (the reference trains on one GPU).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -44,7 +46,7 @@ class CRDTerm(nn.Module):
         self.register_buffer("position", position, persistent=False)
         self.register_buffer("bank_labels", labels[rows], persistent=False)
         self.n_negatives = context.spec.crd_negatives
-        self.loss = CRDLoss(_flat_dim(s_shape), _flat_dim(t_shape), len(rows), n_negatives=self.n_negatives)
+        self.loss = CRDLoss(math.prod(s_shape), math.prod(t_shape), len(rows), n_negatives=self.n_negatives)
 
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], step: Step | None = None) -> torch.Tensor:
         if step is None:
@@ -54,13 +56,6 @@ class CRDTerm(nn.Module):
             raise ValueError("crd got a batch row outside the training rows its memory bank was built for")
         contrast = sample_negatives(idx, self.bank_labels, self.n_negatives)
         return self.loss(student[0].flatten(1).float(), teacher[0].flatten(1).float(), idx, contrast)
-
-
-def _flat_dim(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 FEATURE_LOSSES.register("crd", CRDTerm)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ConfigError
+from common.methods.losses import full_precision
 
 # ----------------------------------------------------------------------------- defaults
 # All from mdistiller `mdistiller/engine/cfg.py` (commit a08d46f), section CFG.DKD.
@@ -57,9 +58,6 @@ DKD_BETA: dict[tuple[str, str], float] = {
     ("wrn_40_2", "ShuffleV1"): 8.0,  # wrn40_2_shuv1.yaml (default)
 }
 
-_FULL_PRECISION = (torch.float32, torch.float64)
-
-
 def dkd_beta(teacher: str, student: str) -> float:
     """beta for a teacher -> student pair: DKD_BETA's value, else DKD_BETA_DEFAULT (8).
 
@@ -79,11 +77,6 @@ def _check(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor)
         raise ValueError(f"DKD needs at least 2 classes (a target and a non-target), got {logits_s.shape[1]}")
     if target.shape != logits_s.shape[:1]:
         raise ValueError(f"target must be (B,) = ({logits_s.shape[0]},), got {tuple(target.shape)}")
-
-
-def _full(x: torch.Tensor) -> torch.Tensor:
-    # float16/bfloat16 logits (autocast) are computed in float32; float64 stays float64.
-    return x if x.dtype in _FULL_PRECISION else x.float()
 
 
 def target_mask(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -108,8 +101,8 @@ def binary_log_probs(logits: torch.Tensor, target: torch.Tensor, T: float) -> to
 def tckd_per_sample(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, T: float) -> torch.Tensor:
     """TCKD_i = T^2 * KL(b^T_i || b^S_i), the binary target-vs-rest KL of each sample, (B,)."""
     _check(logits_s, logits_t, target)
-    log_b_s = binary_log_probs(_full(logits_s), target, T)
-    log_b_t = binary_log_probs(_full(logits_t).detach(), target, T)
+    log_b_s = binary_log_probs(full_precision(logits_s), target, T)
+    log_b_t = binary_log_probs(full_precision(logits_t).detach(), target, T)
     return F.kl_div(log_b_s, log_b_t, reduction="none", log_target=True).sum(dim=1) * T**2
 
 
@@ -120,7 +113,7 @@ def nckd_per_sample(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torc
     pushed to probability 0, which renormalises the softmax over the classes j != t.
     """
     _check(logits_s, logits_t, target)
-    z_s, z_t = _full(logits_s), _full(logits_t).detach()
+    z_s, z_t = full_precision(logits_s), full_precision(logits_t).detach()
     shift = NCKD_MASK * target_mask(z_s, target).to(z_s.dtype)
     log_p_s = F.log_softmax(z_s / T - shift, dim=1)
     log_p_t = F.log_softmax(z_t / T - shift.to(z_t.dtype), dim=1)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 _FULL_PRECISION = (torch.float32, torch.float64)
 
 
-def _full(x: torch.Tensor) -> torch.Tensor:
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when it arrives in a low-precision autocast dtype; float32/float64 as they are."""
     return x if x.dtype in _FULL_PRECISION else x.float()
 
 
@@ -30,7 +31,7 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
     Mean and *unbiased* std over the class dimension, per sample.
     """
-    logits = _full(logits)
+    logits = full_precision(logits)
     mean = logits.mean(dim=1, keepdim=True)
     std = logits.std(dim=1, keepdim=True)
     return (logits - mean) / (std + eps)
@@ -48,7 +49,7 @@ def kd_loss(
     it (16 for T = 4). With `standardize`, both logit vectors go through `standardize_logits`
     first (logit-standardised KD).
     """
-    z_s, z_t = _full(student_logits), _full(teacher_logits)
+    z_s, z_t = full_precision(student_logits), full_precision(teacher_logits)
     if standardize:
         z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
     log_p_s = F.log_softmax(z_s / temperature, dim=1)
@@ -109,7 +110,7 @@ def feature_mse_per_sample(prediction: torch.Tensor, target: torch.Tensor) -> to
     student *before* projecting it, as the reference does; for the linear 1x1 projector the
     order does not matter.)
     """
-    prediction, target = pool_larger(_full(prediction), _full(target))
+    prediction, target = pool_larger(full_precision(prediction), full_precision(target))
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ")
     return (prediction - target).pow(2).flatten(1).mean(dim=1)
@@ -121,7 +122,7 @@ def feature_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Every sample has as many elements, so this is the mean over all elements: one fused
     `mse_loss` kernel (forward and backward) instead of four elementwise passes.
     """
-    prediction, target = pool_larger(_full(prediction), _full(target))
+    prediction, target = pool_larger(full_precision(prediction), full_precision(target))
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ")
     return F.mse_loss(prediction, target)
@@ -149,7 +150,7 @@ def fkd_loss(
 
 
 def _flat(features: torch.Tensor) -> torch.Tensor:
-    return _full(features).reshape(features.shape[0], -1)
+    return full_precision(features).reshape(features.shape[0], -1)
 
 
 def _no_autocast(x: torch.Tensor) -> torch.autocast:
