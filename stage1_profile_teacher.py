@@ -38,7 +38,7 @@ def body() -> int:
     print(profile.quality[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"selected teacher layers: {profile.selected}")
     print(f"profile: {profile.dir / 'profile.yaml'}")
-    print(f"feature cache: {profile.features}")
+    print(f"feature cache: {profile.features or 'none (streamed dataset: students use the live teacher)'}")
     return 0
 
 

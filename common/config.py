@@ -30,7 +30,9 @@ from common.method_spec import MethodSpec, override_fields
 
 @dataclass
 class DatasetConfig:
-    """Which dataset and how it is split. Images are held in RAM as uint8 (METHOD 2.1)."""
+    """Which dataset and how it is split. Images are held in RAM as uint8 (METHOD 2.1), or, for
+    datasets larger than RAM (imagenet, a large image_folder), streamed from their files
+    (common/data/stream.py)."""
 
     name: str = "fashion_mnist"
     root: str | None = None  # None: the dataset's default location (see common/data/registry.py)
@@ -38,6 +40,14 @@ class DatasetConfig:
     image_size: int | None = None  # resize to this size; None keeps the native size
     val_size: int = 0  # images held out of the training split (class-balanced) for validation
     split_seed: int = 0  # seeds the validation split and the training subset
+    # auto | true | false: decode images from their files per batch instead of holding them in
+    # RAM. imagenet always streams; image_folder streams (auto) when its decoded images would
+    # exceed common.data.registry.STREAM_ABOVE_BYTES; the other datasets never do.
+    stream: Union[bool, str] = "auto"
+    resize: int | None = None  # streamed: eval resize of the shorter side before the centre crop; None: image_size / 0.875
+    workers: int | None = None  # streamed: decode workers (DataLoader processes, threads elsewhere); None: cores, at most 8
+    bad_images: str = "error"  # streamed: error | skip (an undecodable file is replaced by the next of its class, and counted)
+    mean_std: str = "auto"  # auto | dataset | imagenet: normalisation; auto = dataset statistics in RAM, ImageNet's when streamed
 
 
 @dataclass
@@ -329,6 +339,9 @@ def _type_name(tp: Any) -> str:
 
 CACHE_DTYPES = ("float16", "float32")
 TEACHER_SOURCES = ("auto", "cache", "live")
+STREAM_MODES = ("auto", True, False)
+BAD_IMAGES = ("error", "skip")  # common.data.stream.BAD_IMAGES
+MEAN_STD = ("auto", "dataset", "imagenet")
 INPUT_PATHS = ("auto", "resident", "prefetch")  # common.train.inputs.MODES
 # The layer-ranking criteria of METHOD 6.5 (profile.criterion, the layer words of a method), one
 # home for torch-free readers too (stage 3, the study).
@@ -402,6 +415,11 @@ def _check_dataset(d: DatasetConfig) -> None:
     _positive_int("dataset.image_size", d.image_size, " (pixels; empty keeps the native size)", optional=True)
     _require(d.val_size >= 0, f"dataset.val_size={d.val_size} is not allowed; set it to 0 (no validation split) or a number of images")
     _seed("dataset.split_seed", d.split_seed)
+    _require(d.stream in STREAM_MODES, f"dataset.stream is {d.stream!r}; use auto, true or false")
+    _positive_int("dataset.resize", d.resize, " (pixels of the shorter side before the centre crop; empty: image_size / 0.875)", optional=True)
+    _positive_int("dataset.workers", d.workers, " (decode workers; empty: the cores, at most 8)", optional=True)
+    _require(d.bad_images in BAD_IMAGES, f"dataset.bad_images is '{d.bad_images}'; use error (stop, naming the file) or skip (replace and count)")
+    _require(d.mean_std in MEAN_STD, f"dataset.mean_std is '{d.mean_std}'; use one of {', '.join(MEAN_STD)}")
 
 
 def _check_model(where: str, m: ModelConfig) -> None:

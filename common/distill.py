@@ -28,7 +28,7 @@ from common.methods import build_distiller, resolve_run_method
 from common.models import MODELS, create_model
 from common.profile import runner as profile
 from common.layers.tables import layer_shapes, layer_infos_for
-from common.profile.features import ensure_features, rebuild_hint
+from common.profile.features import ensure_features, rebuild_hint, wants_cache
 from common.profile.manifest import Manifest
 from common.profile.teacher import ensure_teacher, load_teacher
 from common.train.teacher_source import CachedTeacher, LiveTeacher
@@ -171,9 +171,7 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
 
 
 def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int], device: torch.device, ranks: Ranks = SINGLE) -> TeacherSource:
-    source = cfg.train.teacher_source
-    if source == "auto":
-        source = "live" if cfg.train.augment else "cache"
+    source = "cache" if wants_cache(cfg, data) else "live"
     logits = spec.needs_teacher_logits
     if source == "live":
         teacher, _ = load_teacher(cfg, data, device)

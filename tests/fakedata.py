@@ -288,3 +288,36 @@ def make_image_folder(
         same = len({im.shape for im in images}) == 1
         out[which] = (np.stack(images) if same else images, np.array(labels, dtype=np.int64))
     return FakeDataset(root, *out["train"], *out["test"], sorted(classes), files)
+
+
+def make_imagenet(
+    root: str | Path,
+    wnids: Sequence[str] = ("n01440764", "n01443537", "n01484850"),
+    n_train_per_class: int = 8,
+    n_val_per_class: int = 2,
+    sides: tuple[int, int] = (40, 80),
+    seed: int = 0,
+) -> list[Path]:
+    """ILSVRC-2012 in class folders: <root>/train/<wnid>/<wnid>_<i>.JPEG and
+    <root>/val/<wnid>/ILSVRC2012_val_<n>.JPEG (the layout the common val-prep step leaves), JPEGs
+    of random width and height in `sides` (the real ones vary, 256-500 px and more). The first
+    training image of each class is grayscale, as some of ImageNet's are. Returns the files."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    files = []
+    n_val = 0
+    for wnid in wnids:
+        for which, n in (("train", n_train_per_class), ("val", n_val_per_class)):
+            folder = root / which / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                height, width = (int(v) for v in rng.integers(sides[0], sides[1] + 1, size=2))
+                gray = which == "train" and i == 0
+                if which == "train":
+                    path = folder / f"{wnid}_{i}.JPEG"
+                else:
+                    n_val += 1
+                    path = folder / f"ILSVRC2012_val_{n_val:08d}.JPEG"
+                Image.fromarray(_smooth_image(rng, height, width, 1 if gray else 3)).save(path, "JPEG", quality=90)
+                files.append(path)
+    return files

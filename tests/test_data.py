@@ -283,7 +283,7 @@ def test_unknown_dataset_name():
     with pytest.raises(UnknownNameError) as exc:
         load_data(DatasetConfig(name="cifar_10"))
     assert "cifar10" in str(exc.value)
-    assert set(DATASETS.names()) == {"fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "image_folder"}
+    assert set(DATASETS.names()) == {"fashion_mnist", "cifar10", "cifar100", "tiny_imagenet", "image_folder", "imagenet"}
 
 
 def test_missing_root_and_files(tmp_path):

@@ -21,7 +21,7 @@ MODULES = sorted(p for p in COMMON.rglob("*.py") if "__pycache__" not in p.parts
 PACKAGES = {
     "artifacts": {"layout", "discovery"},
     "cache": {"reader", "write"},
-    "data": {"registry", "formats"},
+    "data": {"registry", "formats", "stream"},
     "export": {"__main__", "runner", "files", "record", "latency"},
     "layers": {"hooks", "tables"},
     "profile": {"runner", "teacher", "stats", "manifest", "features"},

@@ -2,6 +2,7 @@
 
     registry        DATASETS, load_data, balanced subsets, validation split, augmentation, fingerprints
     formats         readers for Fashion-MNIST IDX, CIFAR pickles, Tiny ImageNet and image folders
+    stream          datasets larger than RAM: the file index, FileImages, ImageNet's transforms
 
 `common.data` keeps the import path of the former module common/data.py: its public names
 are those of `common.data.registry`, loaded on first use (PEP 562), so that importing one

@@ -38,7 +38,7 @@ from common.errors import DataError
 class Split:
     """One split of a dataset: what a reader returns per split and what `common.data.registry.Data` holds."""
 
-    images: torch.Tensor  # uint8 [N, C, H, W], held in RAM (METHOD 2.1)
+    images: torch.Tensor  # uint8 [N, C, H, W] in RAM (METHOD 2.1); a streamed split holds a common.data.stream.FileImages
     labels: torch.Tensor  # int64 [N]
 
     def __len__(self) -> int:
@@ -322,21 +322,25 @@ def load_tiny_imagenet(root: Path, image_size: int | None) -> Loaded:
 # ----------------------------------------------------------------------------- image folder
 
 
-def load_image_folder(root: Path, image_size: int | None) -> Loaded:
-    """`root/train/<class>/*` and `root/test/<class>/*` (or val/); classes are the training folders, sorted."""
-    name = "image_folder"
+def class_folder_files(root: Path, name: str, test_dirs: Sequence[str] = ("test", "val")) -> tuple[dict[str, list[Path]], dict[str, list[int]], list[str]]:
+    """({"train": files, "test": files}, their labels, class names) of `root/train/<class>/*` and
+    the first of `root/<test_dirs>/<class>/*` that exists; classes are the training folders,
+    sorted (torchvision's ImageFolder order, which torchvision's ImageNet class indices follow).
+
+    An empty class folder, a test class without training folder, or a split without class
+    folders is a DataError naming the folder."""
     train_dir = root / "train"
-    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    test_dir = next((root / d for d in test_dirs if (root / d).is_dir()), root / test_dirs[0])
     for folder in (train_dir, test_dir):
         if not folder.is_dir():
-            raise DataError(f"{name}: {folder} not found; expected {root}/train/<class>/* and {root}/test/<class>/* (or val/)")
+            raise DataError(f"{name}: {folder} not found; expected {root}/train/<class>/* and {root}/{'/ or '.join(test_dirs)}/<class>/*")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{name}: {train_dir} has no class folders; expected {train_dir}/<class>/<images>")
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and p.name not in index)
     if unknown:
-        raise DataError(f"{name}: {test_dir / unknown[0]} is a class with no folder in {train_dir}; every test class needs training images")
+        raise DataError(f"{name}: {test_dir / unknown[0]} is a class with no folder in {train_dir}; every {test_dir.name} class needs training images")
 
     paths: dict[str, list[Path]] = {"train": [], "test": []}
     labels: dict[str, list[int]] = {"train": [], "test": []}
@@ -347,7 +351,13 @@ def load_image_folder(root: Path, image_size: int | None) -> Loaded:
             labels[which] += [index[cls]] * len(files)
     if not paths["test"]:
         raise DataError(f"{name}: {test_dir} has no class folders; expected {test_dir}/<class>/<images>")
+    return paths, labels, classes
 
+
+def load_image_folder(root: Path, image_size: int | None) -> Loaded:
+    """`root/train/<class>/*` and `root/test/<class>/*` (or val/); classes are the training folders, sorted."""
+    name = "image_folder"
+    paths, labels, classes = class_folder_files(root, name)
     # decode both splits together so that they agree on channels and size
     images = decode_images(paths["train"] + paths["test"], None, image_size, name, root)
     n_train = len(paths["train"])

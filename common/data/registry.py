@@ -6,12 +6,17 @@ format live in `common/data/formats.py`):
 * `fashion_mnist` - IDX .gz files; 1 x 28 x 28, 10 classes.
 * `cifar10`, `cifar100` - torchvision's python-pickle layout; CIFAR-100 uses the fine labels.
 * `tiny_imagenet` - the standard `tiny-imagenet-200/` folder; its `val/` split is the test split.
-* `image_folder` - `<root>/train/<class>/*` and `<root>/test/<class>/*` (or `val/`).
+* `image_folder` - `<root>/train/<class>/*` and `<root>/test/<class>/*` (or `val/`); streamed
+  from its files when it is too large for RAM (`dataset.stream`).
+* `imagenet` - ILSVRC-2012 in class folders, `<root>/train/<wnid>/*.JPEG` and
+  `<root>/val/<wnid>/*.JPEG` (val/ as the common val-prep step leaves it); always streamed, with
+  ImageNet's transforms and normalisation (common/data/stream.py).
 
 `load_data(cfg)` returns a `Data`: the full training split in its original order (the feature
 cache is indexed by these positions), the test split, the training-set mean/std, and a seeded
 class-balanced train/validation partition of the training positions (METHOD section 0 item 8).
-Pixels stay uint8 until `Data.normalize` turns a batch into float32 on the target device.
+Pixels stay uint8 until `Data.normalize` turns a batch into float32 on the target device. A
+streamed split holds a `FileImages` (the file index) where an in-RAM one holds the tensor.
 """
 from __future__ import annotations
 
@@ -24,12 +29,22 @@ import torch
 import torch.nn.functional as F
 
 from common.config import DatasetConfig
-from common.data.formats import CIFAR10, CIFAR100, TINY_SIZE, Loaded, Split, cifar_downloader, cifar_loader, download_fashion_mnist, load_fashion_mnist, load_image_folder, load_tiny_imagenet, resize_images
+from common.data.formats import (
+    CIFAR10, CIFAR100, TINY_SIZE, Loaded, Split, cifar_downloader, cifar_loader, class_folder_files, download_fashion_mnist,
+    load_fashion_mnist, load_image_folder, load_tiny_imagenet, resize_images,
+)
+from common.data.stream import IMAGENET_MEAN, IMAGENET_STD, FileImages, decode_rgb, default_resize, default_workers, index_files
 from common.errors import ConfigError, DataError
 from common.registry import Registry
 
 STD_EPS = 1e-8  # added to the std (METHOD 2.2)
 PAD = 4  # random-crop padding (METHOD 2.3)
+STREAM_SIZE = 224  # a streamed dataset's crop when dataset.image_size is unset (ImageNet's)
+# dataset.stream=auto streams an image_folder whose decoded uint8 images would take more than
+# this. A fixed size, not a share of this machine's free memory: whether a dataset streams
+# changes its preprocessing (resize + centre crop), so it must not depend on the machine.
+# Tiny ImageNet's 110 000 images at 64 px are 1.35 GB; ImageNet's at 224 px 193 GB.
+STREAM_ABOVE_BYTES = 8 << 30
 
 
 # ----------------------------------------------------------------------------- containers
@@ -53,6 +68,11 @@ class Data:
     val_indices: torch.Tensor  # int64 positions in `train` held out for validation (may be empty)
     fingerprint: str  # "dataset + preprocessing" part of cache keys
     _affine: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images stay in their files (common/data/stream.py), decoded per batch."""
+        return isinstance(self.train.images, FileImages)
 
     def normalize(self, images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         """uint8 [B, C, H, W] -> float32 (x / 255 - mean) / std on `device` (METHOD 2.2).
@@ -108,6 +128,9 @@ class DatasetSpec:
     default_root: str | None  # None: dataset.root is required
     download: Callable[[Path], None] | None = None  # fetch into root (needs network)
     description: str = ""
+    # streamed datasets: root -> ({"train": files, "test": files}, labels, class names)
+    files: Callable[[Path], tuple[dict[str, list[Path]], dict[str, list[int]], list[str]]] | None = None
+    always_stream: bool = False
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -133,6 +156,9 @@ def load_data(cfg: DatasetConfig) -> Data:
     if not root.is_dir():
         raise DataError(f"{spec.name}: dataset root {root} not found; pass dataset.root=DIR holding the {spec.name} files")
 
+    listing = _streamed_listing(spec, cfg, root)
+    if listing is not None:
+        return _load_streamed(spec, cfg, root, listing)
     loaded = spec.load(root, cfg.image_size)
     train, test = loaded.train, loaded.test
     num_classes = len(loaded.class_names)
@@ -149,7 +175,7 @@ def load_data(cfg: DatasetConfig) -> Data:
     if height != width:
         raise DataError(f"{spec.name}: images under {root} are {width}x{height}, not square; set dataset.image_size=N to resize them")
 
-    mean, std = channel_stats(train.images)
+    mean, std = _imagenet_stats() if cfg.mean_std == "imagenet" else channel_stats(train.images)
     train_indices, val_indices = validation_split(train.labels, num_classes, cfg.val_size, cfg.split_seed)
     return Data(
         name=spec.name,
@@ -165,6 +191,73 @@ def load_data(cfg: DatasetConfig) -> Data:
         val_indices=val_indices,
         fingerprint=fingerprint(spec.name, train, test, mean, std),
     )
+
+
+Listing = tuple[dict[str, list[Path]], dict[str, list[int]], list[str]]
+
+
+def _streamed_listing(spec: DatasetSpec, cfg: DatasetConfig, root: Path) -> Listing | None:
+    """The files of each split when `cfg` streams `spec` (dataset.stream; auto decides by the
+    decoded size), None when the dataset is read into RAM."""
+    if spec.files is None:
+        if cfg.stream is True:
+            raise ConfigError(f"dataset.stream=true: {spec.name} is read into RAM only (its files are not one image each); set dataset.stream=auto")
+        return None
+    if spec.always_stream:
+        if cfg.stream is False:
+            raise ConfigError(f"dataset.stream=false: {spec.name} is always streamed; for a small copy in RAM use dataset.name=image_folder with the same root")
+        return spec.files(root)
+    if cfg.stream is False:
+        return None
+    listing = spec.files(root)
+    if cfg.stream is True:
+        return listing
+    paths = listing[0]
+    n = len(paths["train"]) + len(paths["test"])
+    side = cfg.image_size if cfg.image_size is not None else max(decode_rgb(paths["train"][0]).shape[1:])
+    return listing if n * 3 * side * side > STREAM_ABOVE_BYTES else None
+
+
+def _load_streamed(spec: DatasetSpec, cfg: DatasetConfig, root: Path, listing: Listing) -> Data:
+    """A Data whose splits are FileImages: the file index in RAM, the pixels decoded per batch."""
+    if cfg.mean_std == "dataset":
+        raise ConfigError(
+            f"dataset.mean_std=dataset: {spec.name} is streamed, so its pixel statistics would take a pass over every file; "
+            "set dataset.mean_std=imagenet (or auto), or dataset.stream=false for a dataset that fits in RAM"
+        )
+    paths, labels, classes = listing
+    if len(classes) < 2:
+        raise DataError(f"{spec.name}: only {len(classes)} class ({', '.join(classes)}) under {root}; a classification dataset needs at least 2 classes")
+    size = cfg.image_size if cfg.image_size is not None else STREAM_SIZE
+    resize = cfg.resize if cfg.resize is not None else default_resize(size)
+    workers = cfg.workers if cfg.workers is not None else default_workers()
+    splits = {
+        which: Split(FileImages(index_files(root, paths[which], labels[which]), size, resize, workers, cfg.bad_images), torch.tensor(labels[which], dtype=torch.int64))
+        for which in ("train", "test")
+    }
+    for which, split in splits.items():
+        _check_split(spec.name, which, split, len(classes))
+    mean, std = _imagenet_stats()
+    train_indices, val_indices = validation_split(splits["train"].labels, len(classes), cfg.val_size, cfg.split_seed)
+    return Data(
+        name=spec.name,
+        num_classes=len(classes),
+        in_channels=3,
+        image_size=size,
+        class_names=list(classes),
+        train=splits["train"],
+        test=splits["test"],
+        mean=mean,
+        std=std,
+        train_indices=train_indices,
+        val_indices=val_indices,
+        fingerprint=streamed_fingerprint(spec.name, splits["train"], splits["test"], mean, std),
+    )
+
+
+def _imagenet_stats() -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std (dataset.mean_std=imagenet; streamed datasets by default)."""
+    return torch.tensor(IMAGENET_MEAN, dtype=torch.float32), torch.tensor(IMAGENET_STD, dtype=torch.float32)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,6 +361,19 @@ def fingerprint(name: str, train: Split, test: Split, mean: torch.Tensor, std: t
     return h.hexdigest()[:16]
 
 
+def streamed_fingerprint(name: str, train: Split, test: Split, mean: torch.Tensor, std: torch.Tensor) -> str:
+    """`fingerprint` of a streamed dataset: from its file index (names, sizes, labels) and its
+    transforms, not from image bytes, which are never all read."""
+    h = hashlib.sha256()
+    h.update(f"{name}:streamed".encode())
+    for split in (train, test):
+        assert isinstance(split.images, FileImages)
+        h.update(split.images.fingerprint_parts())
+    h.update(mean.numpy().tobytes())
+    h.update(std.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -290,6 +396,10 @@ def _draw_per_class(labels: torch.Tensor, wanted: torch.Tensor, seed: int, pool:
     offsets = torch.arange(int(wanted.max()) if num_classes else 0)
     take = (starts[:, None] + offsets[None, :])[offsets[None, :] < wanted[:, None]]
     return torch.sort(by_class[take]).values
+
+
+def _no_ram_copy(root: Path, image_size: int | None) -> Loaded:
+    raise AssertionError("imagenet is always streamed (DatasetSpec.always_stream)")
 
 
 def _check_split(name: str, which: str, split: Split, num_classes: int) -> None:
@@ -324,5 +434,12 @@ DATASETS.register("tiny_imagenet", DatasetSpec(
 ))
 DATASETS.register("image_folder", DatasetSpec(
     "image_folder", load_image_folder, None, None, None, None, None,
-    "<root>/train/<class>/* and <root>/test/<class>/* (or val/)",
+    "<root>/train/<class>/* and <root>/test/<class>/* (or val/); streamed when large (dataset.stream)",
+    files=lambda root: class_folder_files(root, "image_folder"),
+))
+DATASETS.register("imagenet", DatasetSpec(
+    "imagenet", _no_ram_copy, None, 3, STREAM_SIZE, None, None,
+    "ILSVRC-2012 class folders <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG; streamed",
+    files=lambda root: class_folder_files(root, "imagenet", test_dirs=("val",)),
+    always_stream=True,
 ))

@@ -3,6 +3,7 @@ students' training rows, built, extended and checked here (the file format is co
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +40,16 @@ def rebuild_hint(cfg: Config) -> str:
 def cache_identity(teacher_sha: str, data: Data) -> dict[str, str]:
     """What makes cached teacher outputs valid: the checkpoint, the data (with preprocessing), the split."""
     return {"teacher_sha256": teacher_sha, "dataset": data.fingerprint, "split": "train"}
+
+
+def wants_cache(cfg: Config, data: Data) -> bool:
+    """Whether the students read the teacher from the cache (train.teacher_source; auto: unless
+    augmentation makes cached features stale, or the dataset is streamed: at ImageNet scale the
+    cache of one layer set is terabytes, so it is written only when asked for)."""
+    source = cfg.train.teacher_source
+    if source == "auto":
+        return not (cfg.train.augment or data.streamed)
+    return source == "cache"
 
 
 def ensure_features(cfg: Config, data: Data, layers: list[int], rows: torch.Tensor) -> Path:
@@ -122,6 +133,7 @@ def ensure_features_with(
             dtypes.update(logits="float32", labels="int64", **{POSITIONS: "int64"})
         if not extend_only:  # a new file stores its rows shuffled (disk blocks then mix classes)
             positions = storage_order(positions)
+        _log_size(path, positions, shapes, dtypes)
         tic = time.perf_counter()
         write_h5(
             path,
@@ -161,6 +173,13 @@ def extract_batches(
             if with_positions:
                 batch[POSITIONS] = idx
             yield batch
+
+
+def _log_size(path: Path, positions: torch.Tensor, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
+    """State what the cache will take before a byte is written (issue 21: a cache of a streamed
+    dataset is large, and the user asked for it)."""
+    row = sum(math.prod(shape) * torch.empty((), dtype=getattr(torch, dtypes[n])).element_size() for n, shape in shapes.items())
+    log.info("profile: writing %s: %d rows x %.1f kB = %.2f GB (%s)", path, len(positions), row / 1e3, row * len(positions) / 1e9, ", ".join(shapes))
 
 
 def _expected_meta(cfg: Config, data: Data, teacher_sha: str) -> dict[str, Any]:

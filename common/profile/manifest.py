@@ -47,8 +47,10 @@ class Manifest:
         return list(self.data["selection"]["layers"])
 
     @property
-    def features(self) -> Path:
-        return (self.dir / self.data["features"]["path"]).resolve()
+    def features(self) -> Path | None:
+        """The feature cache, None when stage 1 wrote none (a streamed dataset's live teacher)."""
+        info = self.data.get("features")
+        return (self.dir / info["path"]).resolve() if info else None
 
     def teacher_layers(self, which: str) -> list[int]:
         """The teacher layers a method names by word: "selected" (the configured selection:
@@ -137,7 +139,7 @@ def _track_quality(cfg: Config, pdir: Path, quality: pd.DataFrame) -> None:
 
 def write_manifest(
     cfg: Config, data: Data, pdir: Path, teacher_sha: str, quality: pd.DataFrame, top_k: dict[str, Any],
-    selected: list[int], how: str, features: Path,
+    selected: list[int], how: str, features: Path | None,
 ) -> Manifest:
     """profile.yaml: the teacher, the data, the layer table with S/I/E/Q, the top-k by every
     criterion, the selection, the baseline list and the feature cache (path, dtype, layers, rows)."""
@@ -148,11 +150,13 @@ def write_manifest(
          **{c: float(getattr(row, c)) for c in columns}}
         for row in quality.itertuples()
     ]
-    with FeatureCache(features) as cache:
-        feature_info = {
-            "path": f"../{features.name}", "dtype": cache.meta.get("dtype"), "layers": list(cache.meta.get("layers", [])),
-            "rows": int(cache.n),
-        }
+    feature_info = None
+    if features is not None:
+        with FeatureCache(features) as cache:
+            feature_info = {
+                "path": f"../{features.name}", "dtype": cache.meta.get("dtype"), "layers": list(cache.meta.get("layers", [])),
+                "rows": int(cache.n),
+            }
     subset_meta = stats_meta(cfg, data)
     content = {
         "teacher": {"name": cfg.teacher.name, "id": artifacts.teacher_id(cfg, data), "sha256": teacher_sha},

@@ -20,6 +20,7 @@ from torch import nn
 from common.artifacts import layout as artifacts
 from common.config import Config, MethodConfig, to_dict
 from common.data.registry import Data
+from common.data.stream import select
 from common.errors import CacheError, ConfigError
 from common.files import atomic_torch_save, atomic_write, sha256_file
 from common.runtime import peak_rss_mb, resolve_device, versions
@@ -204,7 +205,7 @@ def _use_as_is(cfg: Config, data: Data, tdir: Path) -> None:
         row = {"epoch": 0, "test_acc": evaluate(ce, data, data.test.images, data.test.labels, device, train.eval_batch_size, amp)}
         if len(data.val_indices) > 0:
             val = data.val_indices
-            row["val_acc"] = evaluate(ce, data, data.train.images[val], data.train.labels[val], device, train.eval_batch_size, amp)
+            row["val_acc"] = evaluate(ce, data, select(data.train.images, val), data.train.labels[val], device, train.eval_batch_size, amp)
         row["elapsed_s"] = 0.0  # cumulative training time
         metrics = pd.DataFrame([row])
         atomic_write(tdir / METRICS, lambda tmp: metrics.to_csv(tmp, index=False))

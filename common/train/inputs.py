@@ -11,6 +11,10 @@ Two ways, chosen once per run by `images_on_device`:
 
 The batch order is the loop's (`epoch_batches`); both ways hand the step exactly
 `images[batch]`, so a run's metrics do not depend on which one was used (tests/test_inputs.py).
+
+A streamed dataset (common/data/stream.py: the images stay in their files) has a third way,
+`StreamedImages`: a DataLoader whose worker processes decode each batch and draw its training
+augmentation (RandomResizedCrop + flip) per image, into pinned memory on CUDA.
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ import threading
 from typing import Iterator
 
 import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common.data.stream import FileImages, sample_seed
 
 # Of the device memory free when the run starts: what resident images may take. Half leaves the
 # model, optimizer, activations and the teacher's features room on any card the tool targets.
@@ -48,6 +55,9 @@ def choose_mode(mode: str, nbytes: int, device: torch.device, fraction: float = 
 class ResidentImages:
     """The training rows' images on the device; a batch is a gather of its rows there."""
 
+    augments = False  # the loop draws the augmentation (common.data.registry.augment_batch)
+    skipped = 0  # undecodable files replaced: only a streamed split has files
+
     def __init__(self, images: torch.Tensor, rows: torch.Tensor, device: torch.device) -> None:
         if device.type == "cpu":
             # The device copy is the RAM copy: index the split itself, no second copy.
@@ -60,7 +70,7 @@ class ResidentImages:
             self.position = position.to(device)
         self.device = device
 
-    def epoch(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[torch.Tensor]:
         for idx in batches:
             if self.position is None:
                 yield self.images[idx]
@@ -72,6 +82,9 @@ class PrefetchedImages:
     """Batches gathered on the host by a background thread, PREFETCH_DEPTH ahead, copied to the
     device on a side stream (CUDA) from pinned buffers, so the copy overlaps the step."""
 
+    augments = False
+    skipped = 0
+
     def __init__(self, images: torch.Tensor, device: torch.device, depth: int = PREFETCH_DEPTH) -> None:
         self.images, self.device, self.depth = images, device, depth
         self.cuda = device.type == "cuda"
@@ -80,7 +93,7 @@ class PrefetchedImages:
         batch = self.images[idx]
         return batch.pin_memory() if self.cuda else batch
 
-    def epoch(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[torch.Tensor]:
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 
@@ -118,9 +131,76 @@ class PrefetchedImages:
                     worker.join(timeout=0.01)
 
 
-def images_on_device(images: torch.Tensor, rows: torch.Tensor, device: torch.device, mode: str = "auto") -> ResidentImages | PrefetchedImages:
-    """The image source of a run: resident when the rows fit DEVICE_BUDGET_FRACTION of the free
-    device memory (or `mode` says so), else prefetched."""
+class _Decoded(Dataset):
+    """A streamed split as a map-style dataset whose keys are (position, augmentation seed or None)."""
+
+    def __init__(self, images: FileImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
+        before = len(self.images.skipped)
+        image = self.images.load(*key)
+        return image, len(self.images.skipped) - before  # files replaced (bad_images=skip)
+
+
+class _EpochBatches:
+    """The DataLoader's batch sampler: the loop's batches of the current epoch, set per epoch,
+    so one loader (and its persistent workers) serves every epoch in the loop's order."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int | None]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _stack(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
+    return torch.stack([image for image, _ in items]), sum(n for _, n in items)
+
+
+class StreamedImages:
+    """Batches of a streamed split decoded by DataLoader worker processes (persistent, pinned
+    memory on CUDA), `workers` of them; with `augment`, each image's RandomResizedCrop + flip is
+    drawn there from `sample_seed(seed, epoch, position)`, so the loop's own augmentation is
+    skipped (`augments`) and a resumed epoch decodes the same crops as an uninterrupted one."""
+
+    def __init__(self, images: FileImages, device: torch.device, augment: bool, seed: int) -> None:
+        self.device, self.augments, self.seed = device, augment, seed
+        self.sampler = _EpochBatches()
+        workers = images.workers if images.workers > 1 else 0  # 1: decode in this process
+        self.loader = DataLoader(
+            _Decoded(images), batch_sampler=self.sampler, num_workers=workers, collate_fn=_stack,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+        )
+        self.skipped = 0  # files replaced so far (bad_images=skip)
+
+    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[torch.Tensor]:
+        def key(p: int) -> tuple[int, int | None]:
+            return (p, sample_seed(self.seed, epoch, p) if self.augments else None)
+
+        self.sampler.batches = [[key(p) for p in idx.tolist()] for idx in batches]
+        for images, skipped in self.loader:
+            self.skipped += skipped
+            yield images.to(self.device, non_blocking=True)
+
+
+ImageSource = ResidentImages | PrefetchedImages | StreamedImages
+
+
+def images_on_device(
+    images: torch.Tensor | FileImages, rows: torch.Tensor, device: torch.device, mode: str = "auto", *, augment: bool = False, seed: int = 0
+) -> ImageSource:
+    """The image source of a run: a streamed split's DataLoader; else resident when the rows fit
+    DEVICE_BUDGET_FRACTION of the free device memory (or `mode` says so), else prefetched.
+    `augment` and `seed` matter to a streamed split only (its workers draw the augmentation)."""
+    if isinstance(images, FileImages):
+        return StreamedImages(images, device, augment, seed)
     nbytes = int(rows.numel()) * images[0].numel() * images.element_size()
     if choose_mode(mode, nbytes, device) == "resident":
         return ResidentImages(images, rows, device)

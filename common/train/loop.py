@@ -36,7 +36,8 @@ from common.data.registry import Data, augment_batch
 from common.train.distributed import SINGLE, Ranks
 from common.errors import ConfigError, TrainingError
 from common.methods.base import Step
-from common.train.inputs import PrefetchedImages, ResidentImages, images_on_device
+from common.train.inputs import ImageSource, images_on_device
+from common.data.stream import select
 from common.files import atomic_torch_save, atomic_write, atomic_write_text, atomic_write_yaml
 
 log = logging.getLogger("kd")
@@ -147,7 +148,7 @@ class _Loop:
     rows: torch.Tensor  # this rank's training positions
     batch_size: int  # this rank's share of the batch
     teacher: TeacherSource | None
-    images: ResidentImages | PrefetchedImages  # the training images on the device (common/train/inputs.py)
+    images: ImageSource  # the training images on the device (common/train/inputs.py)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
@@ -263,7 +264,7 @@ def _setup(
         rows=rows,
         batch_size=batch_size,
         teacher=teacher,
-        images=images_on_device(data.train.images, rows, device, cfg.input_path),
+        images=images_on_device(data.train.images, rows, device, cfg.input_path, augment=cfg.augment, seed=cfg.seed),
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg, steps),
         device=device,
@@ -285,12 +286,14 @@ def _epoch(loop: _Loop, epoch: int, progress: _Progress) -> dict[str, float]:
     else:
         batches = epoch_batches(loop.rows, loop.batch_size, order_gen)
     trained = _train_epoch(loop, epoch, batches, order_gen, progress)
+    if loop.images.skipped and loop.ranks.is_main:  # dataset.bad_images=skip: counted, never silent
+        log.warning("%s epoch %d: %d undecodable training images replaced so far (dataset.bad_images=skip)", loop.desc or "run", epoch, loop.images.skipped)
     progress.elapsed += trained["epoch_time_s"]
     row: dict[str, float] = {"epoch": epoch, **{k: v for k, v in trained.items() if k not in ("epoch_time_s", "images_per_s")}}
     evaluate_on = lambda images, labels: evaluate(loop.model, data, images, labels, loop.device, cfg.eval_batch_size, loop.amp, loop.ranks)  # noqa: E731
     row["test_acc"] = evaluate_on(data.test.images, data.test.labels)
     if loop.has_val:
-        row["val_acc"] = evaluate_on(data.train.images[data.val_indices], data.train.labels[data.val_indices])
+        row["val_acc"] = evaluate_on(select(data.train.images, data.val_indices), data.train.labels[data.val_indices])
     row.update(lr=loop.optimizer.param_groups[-1]["lr"], epoch_time_s=trained["epoch_time_s"], images_per_s=trained["images_per_s"], elapsed_s=progress.elapsed)
     progress.rows.append(row)
     progress.epoch = epoch
@@ -356,9 +359,9 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
     bar = tqdm(batches, desc=f"{loop.desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True, unit="batch")  # None: off when not a terminal
     # The images come from the device (resident) or a prefetching thread, always images[idx] of
     # this order, so the path never changes a number.
-    for step, (idx, raw) in enumerate(zip(bar, loop.images.epoch(batches))):
+    for step, (idx, raw) in enumerate(zip(bar, loop.images.epoch(batches, epoch))):
         x = data.normalize(raw, device)
-        if cfg.augment:
+        if cfg.augment and not loop.images.augments:  # a streamed split's workers drew it per image
             x = augment_batch(x, generator)
         y = data.train.labels[idx].to(device, non_blocking=True)
         t_feats, t_logits = loop.teacher.batch(idx, x) if loop.teacher is not None else ({}, None)
