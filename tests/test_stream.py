@@ -8,11 +8,14 @@ metrics, each bad input, and stage 1 + 2 + 3 end to end with a torchvision teach
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 import common.train.loop as train_loop
 from common import distill
@@ -26,6 +29,7 @@ from common.profile import runner as profile
 from common.profile.stats import ensure_quality
 from common.report import runner as report
 from tests.fakedata import make_imagenet
+from tests.stages import ENV, ROOT
 
 pytestmark = pytest.mark.stages  # trains and profiles in-process
 
@@ -236,3 +240,31 @@ def test_a_run_resumed_with_loader_workers_ends_with_the_uninterrupted_metrics(i
     timing = ["epoch_time_s", "images_per_s", "elapsed_s"]
     assert calls[0] == 3 and list(resumed["epoch"]) == [1, 2]
     pd.testing.assert_frame_equal(resumed.drop(columns=timing), reference.drop(columns=timing), check_exact=True)
+
+
+def test_a_streamed_run_on_two_torchrun_ranks_finishes(imagenet, as_is_teacher, tmp_path):
+    """torchrun with 2 gloo ranks on the CPU, each with its own 2-worker loader for its shard."""
+    args = [a for a in stream_overrides(imagenet, tmp_path, f"teacher.pretrained={as_is_teacher}", "method.name=kd", "train.epochs=1", "train.batch_size=12")]
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "stage2_distill.py"), *args],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    (done,) = list((tmp_path / "artifacts").glob("imagenet/*/kd-*/seed0/done"))
+    metrics = pd.read_csv(done.parent / "metrics.csv")
+    assert list(metrics["epoch"]) == [1] and metrics["train_loss"].notna().all()
+    run = yaml.safe_load((done.parent / "config.yaml").read_text())["run"]
+    assert run["ranks"] == 2
+
+
+def test_a_cache_of_a_streamed_dataset_is_written_only_when_asked_for_and_its_size_logged_first(imagenet, as_is_teacher, tmp_path, caplog):
+    overrides = stream_overrides(imagenet, tmp_path, f"teacher.pretrained={as_is_teacher}", "train.augment=false", "train.teacher_source=cache")
+    cfg = load_config(None, overrides)
+    data = load_data(cfg.dataset)
+    with caplog.at_level("INFO", logger="kd"):
+        prof = profile.run(cfg, data)
+    assert prof.features is not None and prof.features.exists() and prof.manifest.features == prof.features
+    lines = [r.getMessage() for r in caplog.records]
+    size = next(i for i, line in enumerate(lines) if line.startswith(f"profile: writing {prof.features}:"))
+    wrote = next(i for i, line in enumerate(lines) if line.startswith("profile: wrote layers"))
+    assert size < wrote and f"{len(data.train_indices)} rows x" in lines[size] and " GB (" in lines[size]
