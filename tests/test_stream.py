@@ -29,7 +29,7 @@ from common.profile import runner as profile
 from common.profile.stats import ensure_quality
 from common.report import runner as report
 from tests.fakedata import make_imagenet
-from tests.stages import ENV, ROOT
+from tests.stages import ENV, ROOT, one_error_line, run_stage
 
 pytestmark = pytest.mark.stages  # trains and profiles in-process
 
@@ -268,3 +268,14 @@ def test_a_cache_of_a_streamed_dataset_is_written_only_when_asked_for_and_its_si
     size = next(i for i, line in enumerate(lines) if line.startswith(f"profile: writing {prof.features}:"))
     wrote = next(i for i, line in enumerate(lines) if line.startswith("profile: wrote layers"))
     assert size < wrote and f"{len(data.train_indices)} rows x" in lines[size] and " GB (" in lines[size]
+
+
+def test_a_corrupt_training_jpeg_stops_stage_2_with_one_error_line_naming_it(imagenet, tmp_path):
+    """Decoded in a loader worker process, reported by the stage as one line, no traceback."""
+    root = tmp_path / "corrupt"
+    shutil.copytree(imagenet, root)
+    victim = sorted((root / "train" / WNIDS[2]).iterdir())[1]
+    victim.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    args = [a for a in stream_overrides(root, tmp_path, "method.name=ce", "train.epochs=1") if not a.startswith("train.progress")]
+    line = one_error_line(run_stage("s2", args))
+    assert str(victim) in line and "remove or replace the file" in line

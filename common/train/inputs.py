@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.data.stream import FileImages, sample_seed
+from common.errors import DataError
 
 # Of the device memory free when the run starts: what resident images may take. Half leaves the
 # model, optimizer, activations and the teacher's features room on any card the tool targets.
@@ -140,10 +141,16 @@ class _Decoded(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor | None, int, str | None]:
+        """(image, files replaced for it (bad_images=skip), None) or (None, 0, the DataError's
+        line): an error travels back as data, since a DataLoader re-raises a worker's exception
+        with the worker's traceback in its message, and the user gets one line naming the file."""
         before = len(self.images.skipped)
-        image = self.images.load(*key)
-        return image, len(self.images.skipped) - before  # files replaced (bad_images=skip)
+        try:
+            image = self.images.load(*key)
+        except DataError as exc:
+            return None, 0, str(exc)
+        return image, len(self.images.skipped) - before, None
 
 
 class _EpochBatches:
@@ -160,8 +167,11 @@ class _EpochBatches:
         return len(self.batches)
 
 
-def _stack(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
-    return torch.stack([image for image, _ in items]), sum(n for _, n in items)
+def _stack(items: list[tuple[torch.Tensor | None, int, str | None]]) -> tuple[torch.Tensor | None, int, str | None]:
+    errors = [error for _, _, error in items if error is not None]
+    if errors:
+        return None, 0, errors[0]
+    return torch.stack([image for image, _, _ in items]), sum(n for _, n, _ in items), None
 
 
 class StreamedImages:
@@ -185,7 +195,9 @@ class StreamedImages:
             return (p, sample_seed(self.seed, epoch, p) if self.augments else None)
 
         self.sampler.batches = [[key(p) for p in idx.tolist()] for idx in batches]
-        for images, skipped in self.loader:
+        for images, skipped, error in self.loader:
+            if error is not None:
+                raise DataError(error)
             self.skipped += skipped
             yield images.to(self.device, non_blocking=True)
 
