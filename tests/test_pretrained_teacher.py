@@ -137,6 +137,21 @@ def test_finetune_true_trains_the_checkpoint_in_a_directory_of_its_own(tmp_path)
     assert artifacts.teacher_dir(_config(tmp_path, f"teacher.pretrained={path}", "teacher_train.epochs=7"), data) in as_is
 
 
+def test_another_checkpoint_of_the_same_name_never_reuses_a_fine_tuned_teacher(tmp_path):
+    """Fine-tuned teachers are keyed by the checkpoint's file name; its content is recorded and
+    checked, so a different file under that name is an error, not someone else's teacher."""
+    path, _ = _checkpoint(tmp_path)
+    cfg = _config(tmp_path, f"teacher.pretrained={path}", "teacher.finetune=true")
+    data = load_data_checked(cfg)
+    tdir = ensure_teacher(cfg, data)
+    assert ensure_teacher(cfg, data) == tdir  # the same file: finished, reused
+    torch.manual_seed(7)
+    torch.save({"epoch": 240, "model": create_model("cifar:resnet8", num_classes=10).state_dict()}, path)
+    assert artifacts.teacher_dir(cfg, data) == tdir  # the key alone cannot tell them apart
+    with pytest.raises(ConfigError, match="rename one of the two files"):
+        ensure_teacher(cfg, data)
+
+
 def test_finetune_false_with_other_classes_is_one_config_error(tmp_path):
     path, _ = _checkpoint(tmp_path, num_classes=100)
     cfg = _config(tmp_path, f"teacher.pretrained={path}", "teacher.finetune=false")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 from torch import nn
 
 from common.artifacts import layout as artifacts
@@ -137,6 +138,27 @@ def _ce(model: nn.Module, data: Data) -> Distiller:
     )
 
 
+def _check_finetuned_from(cfg: Config, tdir: Path) -> None:
+    """A fine-tuned teacher's directory is keyed by its checkpoint's file NAME (the key teachers had
+    before checkpoints could be used as they are, kept so those directories are found again), so
+    another file of the same name would find it too: the content recorded when it was trained
+    (config.yaml run.pretrained_sha256) must match, or the finished teacher, or the checkpoint
+    resumed, is someone else's."""
+    if not cfg.teacher.pretrained or not (tdir / artifacts.CONFIG).exists():
+        return
+    recorded = ((yaml.safe_load((tdir / artifacts.CONFIG).read_text()) or {}).get("run") or {}).get("pretrained_sha256")
+    if recorded is None:  # made before the content was recorded, or used as it is (keyed by content)
+        return
+    path = Path(cfg.teacher.pretrained).expanduser()
+    current = sha256_file(path)
+    if current != recorded:
+        raise ConfigError(
+            f"teacher.pretrained={path} has other content (sha256 {current[:12]}) than the checkpoint of the same name "
+            f"that the teacher in {tdir} was fine-tuned from ({recorded[:12]}); rename one of the two files "
+            f"(a fine-tuned teacher is keyed by its checkpoint's file name)"
+        )
+
+
 def ensure_teacher(cfg: Config, data: Data) -> Path:
     """Train the teacher, or take its checkpoint as it is (`teacher_as_is`), unless a finished
     one exists; returns the directory holding teacher.pt.
@@ -147,6 +169,7 @@ def ensure_teacher(cfg: Config, data: Data) -> Path:
     """
     tdir = artifacts.teacher_dir(cfg, data)
     with artifacts.locked(tdir):
+        _check_finetuned_from(cfg, tdir)
         if (tdir / artifacts.DONE).exists() and (tdir / WEIGHTS).exists():
             log.info("teacher %s: finished, skipping training (%s)", cfg.teacher.name, tdir)
             return tdir
@@ -166,7 +189,10 @@ def ensure_teacher(cfg: Config, data: Data) -> Path:
             # Pretrained backbones get a 100x smaller LR than the new head (METHOD 5).
             backbone, head = backbone_and_head_parameters(model)
             groups = [{"params": backbone, "lr": lr * cfg.teacher_train.backbone_lr_mult}, {"params": head, "lr": lr}]
-        with artifacts.attempt(tdir, {**to_dict(cfg), "run": {"kind": "teacher", "versions": versions()}}):
+        run = {"kind": "teacher", "versions": versions()}
+        if cfg.teacher.pretrained:
+            run["pretrained_sha256"] = sha256_file(Path(cfg.teacher.pretrained).expanduser())
+        with artifacts.attempt(tdir, {**to_dict(cfg), "run": run}):
             result = fit(
                 ce,
                 data,
