@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,7 +28,6 @@ from tests.stages import run_stage
 pytestmark = pytest.mark.stages  # starts the stage scripts or runs whole stages
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST_S = 30.0  # a check-only failure takes ~3 s here; training the tiny teacher alone takes longer
 
 
 def tiny_overrides(tmp: Path) -> list[str]:
@@ -89,12 +87,6 @@ def snapshot(root: Path) -> dict[str, str]:
         rel = str(path.relative_to(root))
         out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return out
-
-
-def timed_stage(stage: str, args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    tic = time.perf_counter()
-    out = run_stage(stage, args)
-    return out, time.perf_counter() - tic
 
 
 # (id, stage, arguments after the tiny settings, words the error line must hold). {tmp} is the
@@ -202,15 +194,15 @@ def test_bad_input_is_one_error_line_and_changes_nothing(tree: Path, stage: str,
         pytest.skip("cannot make a directory read-only here (no chattr +i for root)")
     before = snapshot(tree)
     base = [] if stage == "s3" else ["--quiet", *tiny_overrides(tree)]
-    out, seconds = timed_stage(stage, base + args)
+    out = run_stage(stage, base + args)
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2, out.stderr
     assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
     for word in words:
         assert word in errors[0], errors[0]
-    # Found before any work: no training or profiling step was logged, and it was quick.
+    # Found before any work: no training or profiling step was logged (no timing assert: speed
+    # belongs to bench/, and the log says what ran).
     assert not re.search(r"^(teacher |distill |profile:)", out.stderr, re.M), out.stderr
-    assert seconds < FAST_S, f"took {seconds:.1f}s"
     assert snapshot(tree) == before  # byte-identical artifacts, no new file or directory
 
 
