@@ -180,13 +180,13 @@ class StreamedImages:
     drawn there from `sample_seed(seed, epoch, position)`, so the loop's own augmentation is
     skipped (`augments`) and a resumed epoch decodes the same crops as an uninterrupted one."""
 
-    def __init__(self, images: FileImages, device: torch.device, augment: bool, seed: int) -> None:
+    def __init__(self, images: FileImages, device: torch.device, augment: bool, seed: int, persistent: bool = True) -> None:
         self.device, self.augments, self.seed = device, augment, seed
         self.sampler = _EpochBatches()
         workers = images.workers if images.workers > 1 else 0  # 1: decode in this process
         self.loader = DataLoader(
             _Decoded(images), batch_sampler=self.sampler, num_workers=workers, collate_fn=_stack,
-            pin_memory=device.type == "cuda", persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+            pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
         )
         self.skipped = 0  # files replaced so far (bad_images=skip)
 
@@ -203,6 +203,16 @@ class StreamedImages:
 
 
 ImageSource = ResidentImages | PrefetchedImages | StreamedImages
+
+
+def eval_batches(images: torch.Tensor | FileImages, batches: list[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """`images[batch]` for each batch, in order, for evaluation: gathered from RAM, or for a
+    streamed split decoded ahead by loader workers (evaluation transform), so the device does
+    not wait for each batch's decode (ImageNet's 50 000 val images every epoch)."""
+    if isinstance(images, FileImages):
+        yield from StreamedImages(images, device, augment=False, seed=0, persistent=False).epoch(batches)
+    else:
+        yield from (images[batch] for batch in batches)
 
 
 def images_on_device(

@@ -36,8 +36,8 @@ from common.data.registry import Data, augment_batch
 from common.train.distributed import SINGLE, Ranks
 from common.errors import ConfigError, TrainingError
 from common.methods.base import Step
-from common.train.inputs import ImageSource, images_on_device
-from common.data.stream import select
+from common.train.inputs import ImageSource, eval_batches, images_on_device
+from common.data.stream import FileImages, select
 from common.files import atomic_torch_save, atomic_write, atomic_write_text, atomic_write_yaml
 
 log = logging.getLogger("kd")
@@ -100,7 +100,7 @@ class FitResult:
 
 @torch.no_grad()
 def evaluate(
-    model: Trainable, data: Data, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int, amp: bool, ranks: Ranks = SINGLE
+    model: Trainable, data: Data, images: torch.Tensor | FileImages, labels: torch.Tensor, device: torch.device, batch_size: int, amp: bool, ranks: Ranks = SINGLE
 ) -> float:
     """Top-1 accuracy in percent over every given image (section 0 item 6: the whole test set).
 
@@ -112,8 +112,9 @@ def evaluate(
     model.eval()
     mine = torch.arange(ranks.rank, len(labels), ranks.world)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for batch in mine.split(batch_size):
-        x = data.normalize(images[batch], device)
+    batches = list(mine.split(batch_size))
+    for batch, raw in zip(batches, eval_batches(images, batches, device)):
+        x = data.normalize(raw, device)
         with _autocast(device, amp):
             logits = model.forward_eval(x)
         correct += (logits.argmax(1) == labels[batch].to(device, non_blocking=True)).sum()
