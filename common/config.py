@@ -87,9 +87,11 @@ class TrainConfig:
     amp: bool = True  # bfloat16 autocast, used only on CUDA
     channels_last: bool = True  # NHWC weights and activations (CNNs; cuDNN and oneDNN convolutions skip a layout change)
     teacher_source: str = "auto"  # auto | cache | live; auto = cache unless augment is on
-    # auto | resident | prefetch: the training images on the device once (auto: when they fit half
-    # the free device memory; always on the CPU, where that is the RAM copy), or gathered on the
-    # host by a thread and copied ahead of the step (common/train/inputs.py). Never changes a number.
+    # auto | resident | prefetch: the training images and the cached teacher features (their rows
+    # of the run's layers) on the device once, or gathered on the host by a thread and copied ahead
+    # of the step (common/train/inputs.py). auto: each resident when it fits half the free device
+    # memory, one budget for both, the images counted first; always resident on the CPU, where
+    # that is the RAM copy (or the cache file, read as before). Never changes a number.
     input_path: str = "auto"
     progress: bool = True
     tracker: str = "tensorboard"  # tensorboard (event files in the run's tb/) | wandb | trackio | none
