@@ -109,7 +109,7 @@ class ProfileConfig:
     per_class_cap: int = 500  # subset B: min(cap, floor(n_pool / C)) per class
     seed: int = 0
     batch_size: int = 256
-    memory_budget_mb: int = 1536  # features + Grams S/I/E/Q may hold at once (RAM, or GPU memory on a GPU)
+    memory_budget_mb: int = 1536  # features, Grams and float64 working copies S/I/E/Q may hold at once (RAM, or GPU memory on a GPU), beside one teacher batch
     keep_activations: bool = False  # also write subset A's features of every layer (activations.h5)
     cache_dtype: str = "float16"  # dtype of the feature cache (float16 | float32)
     device: str = "auto"
