@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import h5py
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -43,9 +45,14 @@ from torch.utils._pytree import tree_leaves
 import common.train.loop as train_loop
 from bench.bench_profile_scale import write_cifar100
 from common import distill
+from common.cache.reader import CHECKSUM, POSITIONS, FeatureCache, layer_name, storage_order
+from common.cache.write import write_h5
 from common.config import Config, to_dict
 from common.data.registry import Data, load_data
+from common.layers.hooks import forward_with_features
+from common.layers.tables import layer_shapes
 from common.methods import losses
+from common.models import create_model
 from common.profile import features as features_mod
 from common.profile import runner as profile
 from common.profile import stats as stats_mod
@@ -425,6 +432,68 @@ def test_streaming_quality_allocates_within_its_memory_budget(dev, budget):
     cpu_layers = {i: x.cpu() for i, x in layers.items()}
     expected = layer_stats(cpu_layers[0][a], y[a], cpu_layers[0][b], y[b], 50_000, device="cpu")
     assert stats[0]["Q"] == pytest.approx(expected["Q"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- feature extraction and the cached features
+
+
+def _plain_copies(teacher, data: Data, positions: torch.Tensor, layers: list[int], batch_size: int, device: torch.device):
+    """extract_batches as it was before the pinned buffers (the reference): `.to("cpu")` per layer."""
+    with torch.no_grad():
+        for start in range(0, len(positions), batch_size):
+            idx = positions[start : start + batch_size]
+            out, feats = forward_with_features(teacher, data.normalize(data.train.images[idx], device), layers)
+            batch = {layer_name(i): f.to("cpu", torch.float32) for i, f in feats.items()}
+            yield {**batch, "logits": out.float().cpu(), "labels": data.train.labels[idx], POSITIONS: idx}
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_extraction_writes_the_bytes_of_a_plain_copy(dev, tmp_path):
+    """The feature cache stage 1 writes from `extract_batches` (pinned buffers and non-blocking
+    copies on CUDA) holds the datasets, checksums included, that plain copies of the same forward
+    give (on the CPU: the code before the change)."""
+    cfg = tiny_config(tmp_path)  # tests/test_pipeline.py's tiny data and teacher
+    data = load_data(cfg.dataset)
+    device = torch.device(dev)
+    teacher = create_model(cfg.teacher.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                           image_size=data.image_size, width=cfg.teacher.width).to(device).eval()
+    shapes = layer_shapes(cfg, data)
+    layers = sorted(shapes)[::3]
+    positions = storage_order(data.train_indices)[:150]  # batches of 64: the last one short
+    names = {layer_name(i): shapes[i] for i in layers} | {"logits": (data.num_classes,), "labels": (), POSITIONS: ()}
+    dtypes = {n: "float16" for n in names} | {"logits": "float32", "labels": "int64", POSITIONS: "int64"}
+    written = {}
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):  # one forward, twice
+        for how, batches in (
+            ("pinned", features_mod.extract_batches(teacher, data, positions, layers, 64, device, logits=True, dtype=torch.float32, with_positions=True)),
+            ("plain", _plain_copies(teacher, data, positions, layers, 64, device)),
+        ):
+            written[how] = tmp_path / f"{how}.h5"
+            write_h5(written[how], {}, len(positions), names, dtypes, batches)
+    with h5py.File(written["pinned"], "r") as got, h5py.File(written["plain"], "r") as want:
+        assert sorted(got) == sorted(want) == sorted(names)
+        for name in names:
+            assert got[name].dtype == want[name].dtype and np.array_equal(got[name][()], want[name][()]), name
+            assert got[name].attrs[CHECKSUM] == want[name].attrs[CHECKSUM], name
+
+
+@pytest.mark.parametrize("placement", ["resident", "prefetch"])
+@pytest.mark.parametrize("dev", DEVICES)
+def test_cached_features_reach_the_device_in_every_input_path(dev, placement, tmp_path):
+    """CachedTeacher hands the step each batch's features on train.device, equal to the CPU's
+    gather of the cache (on CUDA: the device-resident copy, or pinned buffers on a side stream)."""
+    positions = storage_order(torch.arange(0, 300, 3))
+    features = torch.randn(len(positions), 4, 2, 2, generator=torch.Generator().manual_seed(3))
+    write_h5(tmp_path / "features.h5", {}, len(positions), {POSITIONS: (), "layer_2": (4, 2, 2), "logits": (5,)},
+             {POSITIONS: "int64", "layer_2": "float16", "logits": "float32"},
+             [{POSITIONS: positions, "layer_2": features, "logits": features.flatten(1)[:, :5]}])
+    rows = torch.arange(0, 240, 3)
+    with FeatureCache(tmp_path / "features.h5") as cache:
+        source = teacher_source.CachedTeacher(cache, [2], True, torch.device(dev), 1 << 30, rows=rows, input_path=placement)
+        for b in source.batch_order(rows, 16, torch.Generator().manual_seed(0)):
+            feats, logits = source.batch(b, torch.empty(0))
+            assert feats[2].device.type == dev and logits.device.type == dev
+            assert torch.equal(feats[2].cpu(), cache.gather("layer_2", b)) and torch.equal(logits.cpu(), cache.gather("logits", b))
 
 
 # ----------------------------------------------------------------------------- losses under bf16 autocast
