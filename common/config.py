@@ -97,9 +97,11 @@ class TrainConfig:
     amp: bool = True  # bfloat16 autocast, used only on CUDA
     channels_last: bool = True  # NHWC weights and activations (CNNs; cuDNN and oneDNN convolutions skip a layout change)
     teacher_source: str = "auto"  # auto | cache | live; auto = cache unless augment is on
-    # auto | resident | prefetch: the training images on the device once (auto: when they fit half
-    # the free device memory; always on the CPU, where that is the RAM copy), or gathered on the
-    # host by a thread and copied ahead of the step (common/train/inputs.py). Never changes a number.
+    # auto | resident | prefetch: the training images and the cached teacher features (their rows
+    # of the run's layers) on the device once, or gathered on the host by a thread and copied ahead
+    # of the step (common/train/inputs.py). auto: each resident when it fits half the free device
+    # memory, one budget for both, the images counted first; always resident on the CPU, where
+    # that is the RAM copy (or the cache file, read as before). Never changes a number.
     input_path: str = "auto"
     progress: bool = True
     tracker: str = "tensorboard"  # tensorboard (event files in the run's tb/) | wandb | trackio | none
@@ -117,7 +119,7 @@ class ProfileConfig:
     per_class_cap: int = 500  # subset B: min(cap, floor(n_pool / C)) per class
     seed: int = 0
     batch_size: int = 256
-    memory_budget_mb: int = 1536  # features + Grams S/I/E/Q may hold at once (RAM, or GPU memory on a GPU)
+    memory_budget_mb: int = 1536  # features, Grams and float64 working copies S/I/E/Q may hold at once (RAM, or GPU memory on a GPU), beside one teacher batch
     keep_activations: bool = False  # also write subset A's features of every layer (activations.h5)
     cache_dtype: str = "float16"  # dtype of the feature cache (float16 | float32)
     device: str = "auto"

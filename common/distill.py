@@ -31,6 +31,7 @@ from common.layers.tables import layer_shapes, layer_infos_for
 from common.profile.features import ensure_features, rebuild_hint, wants_cache
 from common.profile.manifest import Manifest
 from common.profile.teacher import ensure_teacher, load_teacher
+from common.train.inputs import rows_nbytes
 from common.train.teacher_source import CachedTeacher, LiveTeacher
 from common.runtime import resolve_device, seed_everything
 from common.train.loop import CHECKPOINT, FitResult, TeacherSource, finish, fit
@@ -181,7 +182,13 @@ def _teacher_source(cfg: Config, data: Data, spec: MethodSpec, layers: list[int]
     rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
     cache = FeatureCache(ensure_features(cfg, data, layers, rows), rebuild_hint=rebuild_hint(cfg))
     # Under torchrun a rank holds only its shard's rows, and shares the memory with the others on its node.
-    return CachedTeacher(cache, layers, logits, device, ram_budget() // ranks.local_world, rows=distributed.shard(rows, ranks))
+    # On the device, the features share one budget with the images, which the loop places later
+    # (common/train/inputs.py): their bytes are counted first.
+    shard = distributed.shard(rows, ranks)
+    return CachedTeacher(
+        cache, layers, logits, device, ram_budget() // ranks.local_world, rows=shard,
+        input_path=cfg.train.input_path, image_bytes=rows_nbytes(data.train.images, shard.numel()),
+    )
 
 
 def _train_one(

@@ -9,7 +9,11 @@ other test. What each checks on a device:
   (`teacher_train.device`, `profile.device`), stage 2's student and the cached teacher features
   it receives (`train.device`); stage 3 imports no torch (tests/test_layout.py) and has no device;
 - the loss formulas under bfloat16 autocast against float32, within bfloat16 noise;
-- the streaming S/I/E/Q on the device equal to `layer_stats` on the CPU to 1e-5 relative;
+- the streaming S/I/E/Q on the device equal to `layer_stats` on the CPU to 1e-5 relative, and
+  the bytes it allocates there within `profile.memory_budget_mb` (counted by a dispatch mode;
+  on CUDA the allocator's own peak too);
+- the cached teacher features on the device in every input path, equal to the CPU's gather;
+- feature extraction through pinned buffers giving the bytes of a plain copy;
 - a 2-epoch `ce` and `ours` run whose accuracy is within seed noise of the CPU's (on the CPU:
   the same numbers);
 - `KD_DETERMINISTIC=1` repeating bit for bit (two processes);
@@ -23,28 +27,38 @@ from __future__ import annotations
 
 import inspect
 import shutil
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import h5py
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import common.train.loop as train_loop
 from bench.bench_profile_scale import write_cifar100
 from common import distill
+from common.cache.reader import CHECKSUM, POSITIONS, FeatureCache, layer_name, storage_order
+from common.cache.write import write_h5
 from common.config import Config, to_dict
 from common.data.registry import Data, load_data
+from common.layers.hooks import forward_with_features
+from common.layers.tables import layer_shapes
 from common.methods import losses
+from common.models import create_model
 from common.profile import features as features_mod
 from common.profile import runner as profile
 from common.profile import stats as stats_mod
 from common.quality import stream as stream_mod
 from common.quality.formulas import layer_stats
-from common.quality.stream import stream_layer_stats
+from common.quality.stream import device_peak, flat_dim, stream_layer_stats
 from common.runtime import DETERMINISTIC_ENV
 from common.train import teacher_source
 from tests.stages import ENV, run_stage
@@ -128,9 +142,9 @@ def _spy(mp: pytest.MonkeyPatch, seen: dict[str, set[str]], phase: list[str]) ->
 
     real_gram = stream_mod.accumulate_gram
 
-    def accumulate_gram(gram, x):
+    def accumulate_gram(gram, *args, **kwargs):
         seen["S/I/E/Q: Gram accumulators"].add(gram.device.type)
-        return real_gram(gram, x)
+        return real_gram(gram, *args, **kwargs)
 
     real_extract = features_mod.extract_batches
 
@@ -313,7 +327,8 @@ def _layers(n: int, classes: int) -> tuple[dict[int, torch.Tensor], torch.Tensor
 STAT_KEYS = ["S", "I", "E", "Q", "sqrtIE", "AvgIntra", "AvgInter", "AvgMinIntra", "AvgNorm", "AvgMinInterDist", "SVDE", "T", "PCAGID", "K", "D"]
 
 
-@pytest.mark.parametrize("budget", [1 << 30, 30 * 30 * 8 + 30 * 4 * 16])  # one pass / 16-column slices, re-check rows recomputed
+# one pass / 16-column slices, re-check rows recomputed (a quarter of the budget is the float64 working copy's)
+@pytest.mark.parametrize("budget", [1 << 30, (30 * 30 * 8 + 30 * 4 * 16) * 4 // 3])
 @pytest.mark.parametrize("dev", DEVICES)
 def test_streaming_quality_on_the_device_equals_layer_stats_on_the_cpu(dev, budget, monkeypatch):
     layers, y = _layers(60, classes=5)
@@ -322,9 +337,9 @@ def test_streaming_quality_on_the_device_equals_layer_stats_on_the_cpu(dev, budg
     grams: set[str] = set()
     real_gram = stream_mod.accumulate_gram
 
-    def accumulate_gram(gram, x):
+    def accumulate_gram(gram, *args, **kwargs):
         grams.add(gram.device.type)
-        return real_gram(gram, x)
+        return real_gram(gram, *args, **kwargs)
 
     monkeypatch.setattr(stream_mod, "accumulate_gram", accumulate_gram)
 
@@ -339,6 +354,146 @@ def test_streaming_quality_on_the_device_equals_layer_stats_on_the_cpu(dev, budg
         for key in STAT_KEYS:
             # abs: a statistic that is 0 on one device may be ~1e-17 on the other
             assert stats[i][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-12), (i, key)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages that ops allocate on one device type while the mode is on.
+
+    An op's output is a new allocation unless it shares a storage with an input (views, in-place
+    and out= ops); it is live while a Python tensor on it is. Tensors that existed before the mode
+    are not counted. On CUDA it sees what the caching allocator is asked for, not its rounding
+    or cuBLAS's workspace.
+    """
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, tensors on it]
+        self.now = self.peak = 0
+
+    def _release(self, address: int) -> None:
+        entry = self.live[address]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[address]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
+                continue
+            storage = t.untyped_storage()
+            address = storage.data_ptr()
+            if address in self.live:
+                self.live[address][1] += 1
+            elif address in given or storage.nbytes() == 0:
+                continue  # a view of (or a write into) a tensor made before the mode
+            else:
+                self.live[address] = [storage.nbytes(), 1]
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+            weakref.finalize(t, self._release, address)
+        return out
+
+
+# n_a = 100: one Gram is 80 000 bytes; the 1 152-column layer is cut into slices under the two
+# smaller budgets, and its class features of subset B (20 x 1 152 float32) fit each budget whole.
+BUDGETS = [100 * 100 * 8 * 2 + 100 * 4 * 1200 + 20_000, 280_000, 230_400]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_streaming_quality_allocates_within_its_memory_budget(dev, budget):
+    """What S/I/E/Q allocates on the device at its peak: at most profile.memory_budget_mb plus one
+    batch of the source (the teacher's forward) and a few n_a-long vectors. Before the float64
+    working copies were counted (and the class features of subset B held twice) it took 2.3-4.5x."""
+    g = torch.Generator().manual_seed(0)
+    classes, n, batch_size = 5, 200, 16
+    y = torch.arange(classes).repeat_interleave(n // classes)
+    shapes = {0: (8, 12, 12), 1: (300,), 2: (6, 40)}
+    layers = {i: (2 * torch.randn(classes, *shape, generator=g)[y] + torch.randn(n, *shape, generator=g)).relu().to(dev) for i, shape in shapes.items()}
+    a, b = torch.arange(0, n, 2), torch.arange(1, n, 2)
+    device = torch.device(dev)
+
+    def source(positions: torch.Tensor, wanted: list[int]) -> dict[int, torch.Tensor]:
+        return {i: layers[i][positions.to(device)] for i in wanted}  # a new batch on the device, counted
+
+    batch_bytes = batch_size * sum(flat_dim(shape) for shape in shapes.values()) * 4
+    small_vectors = 16 * len(a) * 8  # labels, positions, norms, the Gram's diagonal, ...
+    with LiveBytes(dev) as counted, device_peak(device) as peak:
+        stats = stream_layer_stats(source, shapes, a, y[a], b, y[b], 50_000, device=device, budget_bytes=budget, batch_size=batch_size)
+    assert counted.peak <= budget + batch_bytes + small_vectors, f"{counted.peak} bytes at the peak, budget {budget}"
+    if dev == "cuda":
+        assert peak[0] is not None and peak[0] >= counted.peak  # the allocator's own count sees at least as much
+    else:
+        assert peak[0] is None  # the CPU keeps no such count
+    cpu_layers = {i: x.cpu() for i, x in layers.items()}
+    expected = layer_stats(cpu_layers[0][a], y[a], cpu_layers[0][b], y[b], 50_000, device="cpu")
+    assert stats[0]["Q"] == pytest.approx(expected["Q"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- feature extraction and the cached features
+
+
+def _plain_copies(teacher, data: Data, positions: torch.Tensor, layers: list[int], batch_size: int, device: torch.device):
+    """extract_batches as it was before the pinned buffers (the reference): `.to("cpu")` per layer."""
+    with torch.no_grad():
+        for start in range(0, len(positions), batch_size):
+            idx = positions[start : start + batch_size]
+            out, feats = forward_with_features(teacher, data.normalize(data.train.images[idx], device), layers)
+            batch = {layer_name(i): f.to("cpu", torch.float32) for i, f in feats.items()}
+            yield {**batch, "logits": out.float().cpu(), "labels": data.train.labels[idx], POSITIONS: idx}
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_extraction_writes_the_bytes_of_a_plain_copy(dev, tmp_path):
+    """The feature cache stage 1 writes from `extract_batches` (pinned buffers and non-blocking
+    copies on CUDA) holds the datasets, checksums included, that plain copies of the same forward
+    give (on the CPU: the code before the change)."""
+    cfg = tiny_config(tmp_path)  # tests/test_pipeline.py's tiny data and teacher
+    data = load_data(cfg.dataset)
+    device = torch.device(dev)
+    teacher = create_model(cfg.teacher.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                           image_size=data.image_size, width=cfg.teacher.width).to(device).eval()
+    shapes = layer_shapes(cfg, data)
+    layers = sorted(shapes)[::3]
+    positions = storage_order(data.train_indices)[:150]  # batches of 64: the last one short
+    names = {layer_name(i): shapes[i] for i in layers} | {"logits": (data.num_classes,), "labels": (), POSITIONS: ()}
+    dtypes = {n: "float16" for n in names} | {"logits": "float32", "labels": "int64", POSITIONS: "int64"}
+    written = {}
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):  # one forward, twice
+        for how, batches in (
+            ("pinned", features_mod.extract_batches(teacher, data, positions, layers, 64, device, logits=True, dtype=torch.float32, with_positions=True)),
+            ("plain", _plain_copies(teacher, data, positions, layers, 64, device)),
+        ):
+            written[how] = tmp_path / f"{how}.h5"
+            write_h5(written[how], {}, len(positions), names, dtypes, batches)
+    with h5py.File(written["pinned"], "r") as got, h5py.File(written["plain"], "r") as want:
+        assert sorted(got) == sorted(want) == sorted(names)
+        for name in names:
+            assert got[name].dtype == want[name].dtype and np.array_equal(got[name][()], want[name][()]), name
+            assert got[name].attrs[CHECKSUM] == want[name].attrs[CHECKSUM], name
+
+
+@pytest.mark.parametrize("placement", ["resident", "prefetch"])
+@pytest.mark.parametrize("dev", DEVICES)
+def test_cached_features_reach_the_device_in_every_input_path(dev, placement, tmp_path):
+    """CachedTeacher hands the step each batch's features on train.device, equal to the CPU's
+    gather of the cache (on CUDA: the device-resident copy, or pinned buffers on a side stream)."""
+    positions = storage_order(torch.arange(0, 300, 3))
+    features = torch.randn(len(positions), 4, 2, 2, generator=torch.Generator().manual_seed(3))
+    write_h5(tmp_path / "features.h5", {}, len(positions), {POSITIONS: (), "layer_2": (4, 2, 2), "logits": (5,)},
+             {POSITIONS: "int64", "layer_2": "float16", "logits": "float32"},
+             [{POSITIONS: positions, "layer_2": features, "logits": features.flatten(1)[:, :5]}])
+    rows = torch.arange(0, 240, 3)
+    with FeatureCache(tmp_path / "features.h5") as cache:
+        source = teacher_source.CachedTeacher(cache, [2], True, torch.device(dev), 1 << 30, rows=rows, input_path=placement)
+        for b in source.batch_order(rows, 16, torch.Generator().manual_seed(0)):
+            feats, logits = source.batch(b, torch.empty(0))
+            assert feats[2].device.type == dev and logits.device.type == dev
+            assert torch.equal(feats[2].cpu(), cache.gather("layer_2", b)) and torch.equal(logits.cpu(), cache.gather("logits", b))
 
 
 # ----------------------------------------------------------------------------- losses under bf16 autocast

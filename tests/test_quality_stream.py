@@ -66,7 +66,9 @@ def test_streaming_handles_near_duplicates_across_classes_in_split_layers():
     b = torch.arange(len(x))
     expected = {i: layer_stats(t, y, t, y, 50_000) for i, t in layers.items()}
     n_a = len(a)
-    for budget in (1 << 30, n_a * n_a * 8 + n_a * 8 * 5):  # all layers in one pass / 5-column slices
+    # all layers in one pass / 5-column slices (of float64: 10 planned float32 columns), with a
+    # quarter of the budget set aside for the float64 working copy
+    for budget in (1 << 30, -(-(n_a * n_a * 8 + n_a * 8 * 5) * 4 // 3)):
         stats = stream_layer_stats(PoolSource(layers), shapes, a, y, b, y, 50_000, device=torch.device("cpu"), budget_bytes=budget, batch_size=7)
         for i in layers:
             _assert_same(stats[i], expected[i])
@@ -97,3 +99,28 @@ def test_flat_dim_follows_the_pooling_rule():
     assert flat_dim((64, 32, 32)) == 65536
     assert flat_dim((64, 128, 128)) == 64 * 64 * 64  # D = 1 048 576 > 262 144: p = 2
     assert flat_dim((64, 130, 130)) == 64 * 43 * 43  # p = ceil(sqrt(1 081 600 / 262 144)) = 3, floor
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 60_000])  # one pass / the wide layer in column slices
+def test_the_float64_flop_count_is_what_the_streaming_profile_multiplies(budget, monkeypatch):
+    """bench/bench_quality.py's `float64_flops` (docs/gpus.md's estimate of stage 1 on a GPU)
+    counts the matrix products S/I/E/Q runs: torch's FlopCounterMode over a run agrees exactly.
+    Small row blocks give subset A's Gram several blocks; layer 2 is narrower than a class of B."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.bench_quality import float64_flops
+    from common.quality import formulas
+
+    monkeypatch.setattr(formulas, "_ROW_BLOCK", 16)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(25)  # 100 images of 4 classes
+    layers = {0: torch.randn(100, 8, 5, 5, generator=g), 1: torch.randn(100, 60, generator=g), 2: torch.randn(100, 3, 2, generator=g)}
+    a, b = torch.arange(0, 100, 2), torch.arange(1, 100, 2)  # A: 50 rows; B: 4 classes of 12-13
+    shapes = {i: tuple(x.shape[1:]) for i, x in layers.items()}
+    addmm_ = {torch.ops.aten.addmm_: lambda self_shape, a_shape, b_shape, *args, **kwargs: 2 * a_shape[0] * a_shape[1] * b_shape[1]}
+    with FlopCounterMode(display=False, custom_mapping=addmm_) as counter:
+        stream_layer_stats(PoolSource(layers), shapes, a, y[a], b, y[b], 50_000, device=torch.device("cpu"), budget_bytes=budget, batch_size=16)
+    sizes = torch.bincount(y[b]).tolist()
+    counted = float64_flops({i: flat_dim(s) for i, s in shapes.items()}, len(a), sizes)
+    assert counter.get_total_flops() == sum(f["gram_a"] + f["gram_b"] for f in counted.values())
+    assert min(sizes) > flat_dim(shapes[2])  # the D < n_k branch was counted too

@@ -313,19 +313,21 @@ class FeatureCache:
         if int(self._ram_position[rows].min()) < 0:
             raise IndexError(f"gather asked {self.path} for rows that were not loaded into RAM")
 
-    def gather_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+    def gather_rows(self, name: str, rows: torch.Tensor, widen: bool = True) -> torch.Tensor:
         """`gather` by file `rows` that `rows_of` and `check_loaded` have already accepted.
 
         It checks nothing, so it reads no index value on the host: a training epoch checks all
         its rows at once and gathers every batch and layer with this (CachedTeacher in
         common/train/teacher_source.py), instead of one host read per batch and layer.
+        widen=False keeps the stored dtype (`widen` it later, e.g. on the device: a float16 row
+        then crosses to the GPU in half the bytes and widens to the same float32).
         """
         if name in self._ram:
             index = rows if self._ram_position is None else self._ram_position[rows]
             out = self._ram[name].index_select(0, index)
         else:
             out = torch.from_numpy(self._read_rows(self._dataset(name), rows.numpy()))
-        return out.float() if out.is_floating_point() else out
+        return widen_rows(out) if widen else out
 
     @staticmethod
     def _read_rows(ds: h5py.Dataset, index: np.ndarray) -> np.ndarray:
@@ -342,6 +344,12 @@ class FeatureCache:
         if unique.size == index.size and np.array_equal(unique, index):
             return rows
         return rows[inverse.reshape(-1)]
+
+
+def widen_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Gathered rows as readers get them: floating datasets as float32 (exact from float16),
+    others (labels) in their stored dtype."""
+    return rows.float() if rows.is_floating_point() else rows
 
 
 def _dims(shape: Sequence[int]) -> str:

@@ -157,7 +157,15 @@ def extract_batches(
     teacher: torch.nn.Module, data: Data, positions: torch.Tensor, layers: list[int], batch_size: int, device: torch.device, *, logits: bool, dtype: torch.dtype, with_positions: bool = False
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Stream teacher outputs (eval mode, no augmentation, METHOD 6.1) batch by batch to the CPU,
-    named as the cache stores them (`write_h5`'s batches)."""
+    named as the cache stores them (`write_h5`'s batches).
+
+    On CUDA the rows go into pinned host buffers (new ones each batch: the writer may still hold
+    the last ones) by non-blocking copies, and a batch is handed on only when its copies are done,
+    one batch later: its copy overlaps the next batch's forward. On the CPU the rows are handed on
+    as they come, converted as before; either way the bytes are those of a plain copy.
+    """
+    cuda = device.type == "cuda"
+    waiting: tuple[dict[str, torch.Tensor], torch.cuda.Event] | None = None
     with torch.no_grad():
         for start in range(0, len(positions), batch_size):
             idx = positions[start : start + batch_size]
@@ -166,13 +174,34 @@ def extract_batches(
                 out, feats = forward_with_features(teacher, x, layers)
             else:  # stops after the deepest requested layer
                 feats = extract(teacher, x, layers)
-            batch = {layer_name(i): f.to("cpu", dtype) for i, f in feats.items()}
+            batch = {layer_name(i): _to_host(f, dtype, cuda) for i, f in feats.items()}
             if logits:
-                batch["logits"] = out.float().cpu()
+                batch["logits"] = _to_host(out, torch.float32, cuda)
                 batch["labels"] = data.train.labels[idx]
             if with_positions:
                 batch[POSITIONS] = idx
-            yield batch
+            if not cuda:
+                yield batch
+                continue
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(device))
+            if waiting is not None:
+                waiting[1].synchronize()  # the previous batch's copies, queued before this forward
+                yield waiting[0]
+            waiting = (batch, copied)
+    if waiting is not None:
+        waiting[1].synchronize()
+        yield waiting[0]
+
+
+def _to_host(rows: torch.Tensor, dtype: torch.dtype, cuda: bool) -> torch.Tensor:
+    """`rows` as `dtype` on the host: on CUDA into a pinned buffer by a non-blocking copy (read it
+    only after the stream has passed the copy), elsewhere the plain conversion."""
+    if not cuda:
+        return rows.to("cpu", dtype)
+    host = torch.empty(rows.shape, dtype=dtype, pin_memory=True)
+    host.copy_(rows.to(dtype), non_blocking=True)  # converted on the device, as `.to("cpu", dtype)` rounds
+    return host
 
 
 def _log_size(path: Path, positions: torch.Tensor, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:

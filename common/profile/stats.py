@@ -86,8 +86,14 @@ def ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_sh
         steps = iter(["quality_subset_a", "quality_subset_b"])
         clock = [time.perf_counter()]
 
-        def step_done() -> None:
-            log_step(next(steps), clock[0])
+        def step_done(device_peak: int | None) -> None:
+            name = next(steps)
+            log_step(name, clock[0])
+            if device_peak is not None:  # on CUDA: the allocator's own count (common/quality/stream.py)
+                log.info(
+                    "profile: step %s device peak %.0f MiB above its start, budget %d MiB (profile.memory_budget_mb; "
+                    "the peak also holds one batch of the teacher's forward)", name, device_peak / 2**20, cfg.profile.memory_budget_mb,
+                )
             clock[0] = time.perf_counter()
 
         records = stream_layer_stats(

@@ -158,6 +158,12 @@ def flatten_features(x: Tensor) -> Tensor:
 # Statistics 4 and 6 on subset A (METHOD 6.4)
 
 
+def _chunk(chunk_elements: int | None) -> int:
+    """Float64 elements a working copy may hold: the caller's bound (the streaming profile derives
+    it from its memory budget), else _CHUNK_ELEMENTS. Chunking changes only the rounding."""
+    return _CHUNK_ELEMENTS if chunk_elements is None else max(1, chunk_elements)
+
+
 def _row_blocks(n: int) -> list[slice]:
     count = max(1, math.ceil(n / _ROW_BLOCK))
     step = math.ceil(n / count)
@@ -173,21 +179,23 @@ def gram_matrix(x: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
     return gram, gram.diagonal().clone()
 
 
-def accumulate_gram(gram: Tensor, x: Tensor) -> None:
+def accumulate_gram(gram: Tensor, x: Tensor, chunk_elements: int | None = None) -> None:
     """gram += X X^T for X [n, d], in place, lower block triangle (diagonal blocks included) only.
 
     Accumulated over feature chunks (each input element is converted to float64 once, one
-    chunk alive at a time), so the Gram of a wide layer can also be summed over column slices
-    held at different times (the streaming profile). Call `symmetrize_gram` after the last slice.
+    chunk of at most `chunk_elements` alive at a time), so the Gram of a wide layer can also be
+    summed over column slices held at different times (the streaming profile). Call
+    `symmetrize_gram` after the last slice.
     """
     n, dim = x.shape
     blocks = _row_blocks(n)
-    cols = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    cols = max(1, _chunk(chunk_elements) // max(n, 1))
     for f0 in range(0, dim, cols):
         chunk = x[:, f0 : f0 + cols].to(device=gram.device, dtype=torch.float64)
         for i, rows in enumerate(blocks):
             for other in blocks[: i + 1]:
                 gram[rows, other].addmm_(chunk[rows], chunk[other].T)
+        del chunk  # before the next one is made: one chunk alive at a time
 
 
 def symmetrize_gram(gram: Tensor) -> None:
@@ -214,16 +222,18 @@ def _sq_distance_bounds(
     return lower, d2.add_(tol)
 
 
-def _exact_min_sq_distance(x: Tensor, rows: Tensor, cols: Tensor, device: torch.device) -> float:
-    """min_i ||x[rows[i]] - x[cols[i]]||^2, computed directly in float64."""
+def _exact_min_sq_distance(x: Tensor, rows: Tensor, cols: Tensor, device: torch.device, chunk_elements: int | None = None) -> float:
+    """min_i ||x[rows[i]] - x[cols[i]]||^2, computed directly in float64 (the two float64 row
+    batches together hold at most `chunk_elements`; the difference is taken in place)."""
     if rows.numel() == 0:
         return math.nan
-    per_batch = max(1, _CHUNK_ELEMENTS // (2 * max(x.shape[1], 1)))
+    per_batch = max(1, _chunk(chunk_elements) // (2 * max(x.shape[1], 1)))
     best = math.inf
     for i in range(0, rows.numel(), per_batch):
-        a = x[rows[i : i + per_batch].to(x.device)].to(device=device, dtype=torch.float64)
+        a = x[rows[i : i + per_batch].to(x.device)].to(device=device, dtype=torch.float64)  # a gather: never x itself
         b = x[cols[i : i + per_batch].to(x.device)].to(device=device, dtype=torch.float64)
-        best = min(best, float((a - b).square().sum(1).min()))
+        best = min(best, float(a.sub_(b).square_().sum(1).min()))
+        del a, b  # before the next batch is made
     return best
 
 
@@ -247,12 +257,15 @@ def class_geometry(x: Tensor, y: Tensor, device: torch.device) -> dict[str, floa
     return geometry_from_gram(gram, sq, y, x.shape[1], resolve)
 
 
-def geometry_from_gram(gram: Tensor, sq: Tensor, y: Tensor, dim: int, resolve: MinDistanceResolver) -> dict[str, float]:
+def geometry_from_gram(
+    gram: Tensor, sq: Tensor, y: Tensor, dim: int, resolve: MinDistanceResolver, chunk_elements: int | None = None
+) -> dict[str, float]:
     """Class-averaged statistics 4 and 6 of subset A from its Gram G = X X^T (METHOD 6.4, 6.5).
 
     gram [n, n] and sq [n] (squared row norms) in float64, on the device to compute on; y: [n]
     labels; dim: D, for the rounding bound; resolve: computes the exact minimum distance of the
-    candidate pairs (see MinDistanceResolver). Returns AvgIntra, AvgInter, AvgMinIntra, AvgNorm,
+    candidate pairs (see MinDistanceResolver); chunk_elements: bounds the float64 temporaries
+    (four [rows, n] blocks of an eighth of it each). Returns AvgIntra, AvgInter, AvgMinIntra, AvgNorm,
     AvgMinInterDist: plain means over the classes k (and the C(C-1) ordered pairs for AvgInter)
     of the per-class values
       AvgIntraClassDPS_k   mean |cos| over the FULL class block, diagonal (= 1) included (12.4),
@@ -280,7 +293,7 @@ def geometry_from_gram(gram: Tensor, sq: Tensor, y: Tensor, dim: int, resolve: M
     min_intra = torch.empty(num_classes, dtype=torch.float64, device=device)
     avg_norm = torch.empty(num_classes, dtype=torch.float64, device=device)
     candidates: list[tuple[Tensor, Tensor]] = []
-    chunk_rows = max(1, _CHUNK_ELEMENTS // (8 * n))  # bounds every [rows, n] temporary
+    chunk_rows = max(1, _chunk(chunk_elements) // (8 * n))  # bounds every [rows, n] temporary
     ends = torch.cumsum(counts, 0).tolist()
     for k, (start, end) in enumerate(zip([0] + ends[:-1], ends)):
         chunks = [(r0, min(r0 + chunk_rows, end)) for r0 in range(start, end, chunk_rows)]
@@ -342,19 +355,23 @@ def _single_threaded(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _centred_sq_singular_values(z: Tensor, device: torch.device) -> Tensor:
-    """Squared singular values of the column-centred z [n_k, D], descending, length min(n_k, D)."""
+def _centred_sq_singular_values(z: Tensor, device: torch.device, chunk_elements: int | None = None) -> Tensor:
+    """Squared singular values of the column-centred z [n_k, D], descending, length min(n_k, D).
+
+    Working memory: the float64 Gram (min(n_k, D)^2) and one float64 copy, centred in place: a
+    chunk of at most `chunk_elements` when D >= n_k, else all of z (n_k * D < n_k^2)."""
     n_k, dim = z.shape
     if dim >= n_k:
         gram = torch.zeros(n_k, n_k, dtype=torch.float64, device=device)
-        cols = max(1, _CHUNK_ELEMENTS // max(n_k, 1))
+        cols = max(1, _chunk(chunk_elements) // max(n_k, 1))
         for f0 in range(0, dim, cols):
-            chunk = z[:, f0 : f0 + cols].to(device=device, dtype=torch.float64)
-            chunk = chunk - chunk.mean(0)
+            chunk = z[:, f0 : f0 + cols].to(device=device, dtype=torch.float64, copy=True)  # centred in place: never z
+            chunk.sub_(chunk.mean(0))
             gram.addmm_(chunk, chunk.T)
+            del chunk  # before the next one is made
     else:
-        full = z.to(device=device, dtype=torch.float64)
-        full = full - full.mean(0)
+        full = z.to(device=device, dtype=torch.float64, copy=True)
+        full.sub_(full.mean(0))
         gram = full.T @ full
     if not bool(torch.isfinite(gram).all()):  # inf/NaN features: eigvalsh would fail to converge
         return torch.full((min(n_k, dim),), math.nan, dtype=torch.float64, device=gram.device)
@@ -377,9 +394,9 @@ def class_spectra(x: Tensor, y: Tensor, device: torch.device) -> tuple[Tensor, T
     return explained_variance_rows(spectra, n_max=int(counts.max()))
 
 
-def class_spectrum(z: Tensor, device: torch.device) -> Tensor:
+def class_spectrum(z: Tensor, device: torch.device, chunk_elements: int | None = None) -> Tensor:
     """Squared singular values of one class's column-centred features z [n_k, ...] (statistic 7)."""
-    return _centred_sq_singular_values(flatten_features(z), device).cpu()
+    return _centred_sq_singular_values(flatten_features(z), device, chunk_elements).cpu()
 
 
 def explained_variance_rows(spectra: Sequence[Tensor], n_max: int) -> tuple[Tensor, Tensor]:

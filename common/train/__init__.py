@@ -5,7 +5,8 @@
     distributed     torchrun ranks, sharding, reductions
     tracking        TensorBoard/none experiment trackers
     teacher_source  teacher features per batch: live teacher or cache
-    inputs          the training images on the device: resident, or prefetched by a thread
+    inputs          the training images and cached features on the device: resident, or prefetched by a thread
+    streamed        a streamed dataset's batches, decoded by DataLoader workers
 
 `common.train` keeps the import path of the former module common/train.py: its public names
 are those of `common.train.loop`, loaded on first use (PEP 562), so that importing one

@@ -1,38 +1,50 @@
-"""The training images of an epoch, on the training device, without making the device wait.
+"""A run's training inputs on the training device, without making the device wait: the images here
+(`images_on_device`), and the cached teacher features with the same machinery
+(common/train/teacher_source.py's CachedTeacher).
 
-Two ways, chosen once per run by `images_on_device`:
+Two ways, chosen once per run by `train.input_path` (auto | resident | prefetch):
 
-- resident: the training rows' uint8 images are copied to the device once and every batch is a
-  gather there (CIFAR-100's 50 000 images are 150 MB). On the CPU this is the RAM copy itself:
-  nothing is copied, so the batches, and with them the run's numbers, are today's.
+- resident: the training rows are copied to the device once and every batch is a gather there
+  (CIFAR-100's 50 000 uint8 images are 150 MB; the paper-layer feature cache 15.6 GB, the
+  selected layers less). On the CPU this is the RAM copy itself: nothing is copied, so the
+  batches, and with them the run's numbers, are today's.
 - prefetch: past the budget, a background thread gathers the next batches on the host into
   (pinned, on CUDA) buffers and copies them to the device on a side stream, one or two batches
-  ahead of the step that needs them.
+  ahead of the step that needs them (`Prefetcher`, generic over what a batch gathers).
 
-The batch order is the loop's (`epoch_batches`); both ways hand the step exactly
-`images[batch]`, so a run's metrics do not depend on which one was used (tests/test_inputs.py).
+One budget for both (`auto`): DEVICE_BUDGET_FRACTION of the device memory free when the run
+sets up. The images are counted first (they are small and every run reads them); the features
+get what the images leave (`features_mode`), or the whole budget when the images do not fit and
+are prefetched. The features are placed first (the teacher source is built before the loop),
+so when the loop then measures the free memory for the images, the features' bytes are already
+gone from it and the images still fit whenever they were counted.
+
+The batch order is the loop's (`epoch_batches`); both ways hand the step exactly the rows of
+its batch, so a run's metrics do not depend on which one was used (tests/test_inputs.py).
 
 A streamed dataset (common/data/stream.py: the images stay in their files) has a third way,
-`StreamedImages`: a DataLoader whose worker processes decode each batch and draw its training
-augmentation (RandomResizedCrop + flip) per image, into pinned memory on CUDA.
+common/train/streamed.py's `StreamedImages`: a DataLoader whose worker processes decode each
+batch and draw its training augmentation per image.
 """
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator
+from typing import Callable, Generic, Iterator, TypeVar
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from common.data.stream import FileImages, sample_seed
-from common.errors import DataError
+from common.data.stream import FileImages
+from common.train.streamed import StreamedImages
 
-# Of the device memory free when the run starts: what resident images may take. Half leaves the
-# model, optimizer, activations and the teacher's features room on any card the tool targets.
+# Of the device memory free when the run starts: what resident images and features may take
+# together. Half leaves the model, optimizer and activations room on any card the tool targets.
 DEVICE_BUDGET_FRACTION = 0.5
 PREFETCH_DEPTH = 2  # batches gathered ahead: one being copied while one waits for the step
 MODES = ("auto", "resident", "prefetch")
+
+# What one batch's gather gives: a tensor (the images) or tensors by name (the cached layers).
+Rows = TypeVar("Rows", torch.Tensor, dict[str, torch.Tensor])
 
 
 def free_device_bytes(device: torch.device) -> int:
@@ -43,14 +55,45 @@ def free_device_bytes(device: torch.device) -> int:
     return int(free)
 
 
-def choose_mode(mode: str, nbytes: int, device: torch.device, fraction: float = DEVICE_BUDGET_FRACTION) -> str:
-    """'resident' or 'prefetch' for `mode` ('auto' decides by the budget; on the CPU the images
-    already live where the step reads them, so auto is resident there)."""
+def rows_nbytes(table: torch.Tensor, n_rows: int) -> int:
+    """Bytes that `n_rows` rows of `table` take on the device."""
+    return int(n_rows) * table[0].numel() * table.element_size()
+
+
+def choose_mode(mode: str, nbytes: int, device: torch.device, fraction: float = DEVICE_BUDGET_FRACTION, reserved: int = 0) -> str:
+    """'resident' or 'prefetch' for `mode` ('auto' decides by the budget less `reserved` bytes
+    already promised; on the CPU the rows already live where the step reads them, so auto is
+    resident there)."""
     if mode != "auto":
         return mode
     if device.type == "cpu":
         return "resident"
-    return "resident" if nbytes <= fraction * free_device_bytes(device) else "prefetch"
+    return "resident" if nbytes <= fraction * free_device_bytes(device) - reserved else "prefetch"
+
+
+def features_mode(mode: str, feature_bytes: int, image_bytes: int, device: torch.device, fraction: float = DEVICE_BUDGET_FRACTION) -> str:
+    """The cached features' way for `mode`: resident when they fit what the run's images
+    (`image_bytes`, counted first) leave of the one budget (module docstring)."""
+    if mode != "auto" or device.type == "cpu":
+        return choose_mode(mode, feature_bytes, device, fraction)
+    budget = fraction * free_device_bytes(device)
+    images = image_bytes if image_bytes <= budget else 0  # images that do not fit are prefetched: they hold nothing
+    return "resident" if feature_bytes <= budget - images else "prefetch"
+
+
+def position_map(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Where each of `n` keys is held among `rows` (a resident copy of those rows), -1 elsewhere."""
+    position = torch.full((n,), -1, dtype=torch.long)
+    position[rows.to(torch.long)] = torch.arange(rows.numel())
+    return position
+
+
+def _each(fn: Callable[[torch.Tensor], torch.Tensor], rows: Rows) -> Rows:
+    return {name: fn(t) for name, t in rows.items()} if isinstance(rows, dict) else fn(rows)
+
+
+def _tensors(rows: torch.Tensor | dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return list(rows.values()) if isinstance(rows, dict) else [rows]
 
 
 class ResidentImages:
@@ -64,11 +107,8 @@ class ResidentImages:
             # The device copy is the RAM copy: index the split itself, no second copy.
             self.images, self.position = images, None
         else:
-            rows = rows.to(torch.long)
-            self.images = images[rows].to(device)
-            position = torch.full((images.shape[0],), -1, dtype=torch.long)
-            position[rows] = torch.arange(rows.numel())
-            self.position = position.to(device)
+            self.images = images[rows.to(torch.long)].to(device)
+            self.position = position_map(rows, images.shape[0]).to(device)
         self.device = device
 
     def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[torch.Tensor]:
@@ -79,22 +119,22 @@ class ResidentImages:
                 yield self.images[self.position[idx.to(self.device, non_blocking=True)]]
 
 
-class PrefetchedImages:
-    """Batches gathered on the host by a background thread, PREFETCH_DEPTH ahead, copied to the
-    device on a side stream (CUDA) from pinned buffers, so the copy overlaps the step."""
+class Prefetcher(Generic[Rows]):
+    """Batches gathered on the host by `gather(batch)` in a background thread, `depth` ahead,
+    copied to the device on a side stream (CUDA) from pinned buffers, so the copy overlaps the
+    step. `gather` may return one tensor or tensors by name; each is copied as it is."""
 
-    augments = False
-    skipped = 0
-
-    def __init__(self, images: torch.Tensor, device: torch.device, depth: int = PREFETCH_DEPTH) -> None:
-        self.images, self.device, self.depth = images, device, depth
+    def __init__(self, gather: Callable[[torch.Tensor], Rows], device: torch.device, depth: int = PREFETCH_DEPTH) -> None:
+        self.gather, self.device, self.depth = gather, device, depth
         self.cuda = device.type == "cuda"
 
-    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
-        batch = self.images[idx]
-        return batch.pin_memory() if self.cuda else batch
+    def _host_rows(self, idx: torch.Tensor) -> Rows:
+        rows = self.gather(idx)
+        return _each(torch.Tensor.pin_memory, rows) if self.cuda else rows
 
-    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[torch.Tensor]:
+    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[Rows]:
+        """The batches' rows on the device, in order (`epoch`: what sources that draw per epoch
+        take, StreamedImages; nothing here depends on it)."""
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 
@@ -103,7 +143,7 @@ class PrefetchedImages:
                 for idx in batches:
                     if stop.is_set():
                         return
-                    ready.put(self._gather(idx))
+                    ready.put(self._host_rows(idx))
             except BaseException as exc:  # handed to the consumer, which raises it in the main thread
                 ready.put(exc)
             ready.put(None)
@@ -116,12 +156,14 @@ class PrefetchedImages:
                 if isinstance(item, BaseException):
                     raise item
                 if stream is None:
-                    yield item.to(self.device)
+                    yield _each(lambda t: t.to(self.device), item)
                     continue
                 with torch.cuda.stream(stream):
-                    on_device = item.to(self.device, non_blocking=True)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                on_device.record_stream(torch.cuda.current_stream(self.device))
+                    on_device = _each(lambda t: t.to(self.device, non_blocking=True), item)
+                step_stream = torch.cuda.current_stream(self.device)
+                step_stream.wait_stream(stream)
+                for tensor in _tensors(on_device):
+                    tensor.record_stream(step_stream)  # its memory is reused only after the step used it
                 yield on_device
         finally:
             stop.set()
@@ -132,87 +174,18 @@ class PrefetchedImages:
                     worker.join(timeout=0.01)
 
 
-class _Decoded(Dataset):
-    """A streamed split as a map-style dataset whose keys are (position, augmentation seed or None)."""
+class PrefetchedImages(Prefetcher[torch.Tensor]):
+    """The training images past the budget: `images[batch]` gathered ahead by a thread."""
 
-    def __init__(self, images: FileImages) -> None:
+    augments = False
+    skipped = 0
+
+    def __init__(self, images: torch.Tensor, device: torch.device, depth: int = PREFETCH_DEPTH) -> None:
+        super().__init__(lambda idx: images[idx], device, depth)
         self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor | None, int, str | None]:
-        """(image, files replaced for it (bad_images=skip), None) or (None, 0, the DataError's
-        line): an error travels back as data, since a DataLoader re-raises a worker's exception
-        with the worker's traceback in its message, and the user gets one line naming the file."""
-        before = len(self.images.skipped)
-        try:
-            image = self.images.load(*key)
-        except DataError as exc:
-            return None, 0, str(exc)
-        return image, len(self.images.skipped) - before, None
-
-
-class _EpochBatches:
-    """The DataLoader's batch sampler: the loop's batches of the current epoch, set per epoch,
-    so one loader (and its persistent workers) serves every epoch in the loop's order."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int | None]]] = []
-
-    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def _stack(items: list[tuple[torch.Tensor | None, int, str | None]]) -> tuple[torch.Tensor | None, int, str | None]:
-    errors = [error for _, _, error in items if error is not None]
-    if errors:
-        return None, 0, errors[0]
-    return torch.stack([image for image, _, _ in items]), sum(n for _, n, _ in items), None
-
-
-class StreamedImages:
-    """Batches of a streamed split decoded by DataLoader worker processes (persistent, pinned
-    memory on CUDA), `workers` of them; with `augment`, each image's RandomResizedCrop + flip is
-    drawn there from `sample_seed(seed, epoch, position)`, so the loop's own augmentation is
-    skipped (`augments`) and a resumed epoch decodes the same crops as an uninterrupted one."""
-
-    def __init__(self, images: FileImages, device: torch.device, augment: bool, seed: int, persistent: bool = True) -> None:
-        self.device, self.augments, self.seed = device, augment, seed
-        self.sampler = _EpochBatches()
-        workers = images.workers if images.workers > 1 else 0  # 1: decode in this process
-        self.loader = DataLoader(
-            _Decoded(images), batch_sampler=self.sampler, num_workers=workers, collate_fn=_stack,
-            pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
-        )
-        self.skipped = 0  # files replaced so far (bad_images=skip)
-
-    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[torch.Tensor]:
-        def key(p: int) -> tuple[int, int | None]:
-            return (p, sample_seed(self.seed, epoch, p) if self.augments else None)
-
-        self.sampler.batches = [[key(p) for p in idx.tolist()] for idx in batches]
-        for images, skipped, error in self.loader:
-            if error is not None:
-                raise DataError(error)
-            self.skipped += skipped
-            yield images.to(self.device, non_blocking=True)
 
 
 ImageSource = ResidentImages | PrefetchedImages | StreamedImages
-
-
-def eval_batches(images: torch.Tensor | FileImages, batches: list[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
-    """`images[batch]` for each batch, in order, for evaluation: gathered from RAM, or for a
-    streamed split decoded ahead by loader workers (evaluation transform), so the device does
-    not wait for each batch's decode (ImageNet's 50 000 val images every epoch)."""
-    if isinstance(images, FileImages):
-        yield from StreamedImages(images, device, augment=False, seed=0, persistent=False).epoch(batches)
-    else:
-        yield from (images[batch] for batch in batches)
 
 
 def images_on_device(
@@ -223,7 +196,6 @@ def images_on_device(
     `augment` and `seed` matter to a streamed split only (its workers draw the augmentation)."""
     if isinstance(images, FileImages):
         return StreamedImages(images, device, augment, seed)
-    nbytes = int(rows.numel()) * images[0].numel() * images.element_size()
-    if choose_mode(mode, nbytes, device) == "resident":
+    if choose_mode(mode, rows_nbytes(images, rows.numel()), device) == "resident":
         return ResidentImages(images, rows, device)
     return PrefetchedImages(images, device)

@@ -36,7 +36,8 @@ from common.data.registry import Data, augment_batch
 from common.train.distributed import SINGLE, Ranks
 from common.errors import ConfigError, TrainingError
 from common.methods.base import Step
-from common.train.inputs import ImageSource, eval_batches, images_on_device
+from common.train.inputs import ImageSource, images_on_device
+from common.train.streamed import eval_batches
 from common.data.stream import FileImages, select
 from common.files import atomic_torch_save, atomic_write, atomic_write_text, atomic_write_yaml
 

@@ -1,0 +1,98 @@
+"""A streamed split's batches (common/data/stream.py): decoded from files by DataLoader workers.
+
+The third input path beside common/train/inputs.py's resident and prefetched ones: a dataset too
+large for RAM is decoded per batch by `dataset.workers` worker processes (persistent across
+epochs, pinned memory on CUDA), which also draw the training augmentation per image from a seed
+of (run seed, epoch, position), so which worker decodes an image, and a resume, change nothing.
+Evaluation decodes ahead the same way (`eval_batches`).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common.data.stream import FileImages, sample_seed
+from common.errors import DataError
+
+
+class _Decoded(Dataset):
+    """A streamed split as a map-style dataset whose keys are (position, augmentation seed or None)."""
+
+    def __init__(self, images: FileImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor | None, int, str | None]:
+        """(image, files replaced for it (bad_images=skip), None) or (None, 0, the DataError's
+        line): an error travels back as data, since a DataLoader re-raises a worker's exception
+        with the worker's traceback in its message, and the user gets one line naming the file."""
+        before = len(self.images.skipped)
+        try:
+            image = self.images.load(*key)
+        except DataError as exc:
+            return None, 0, str(exc)
+        return image, len(self.images.skipped) - before, None
+
+
+class _EpochBatches:
+    """The DataLoader's batch sampler: the loop's batches of the current epoch, set per epoch,
+    so one loader (and its persistent workers) serves every epoch in the loop's order."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int | None]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _stack(items: list[tuple[torch.Tensor | None, int, str | None]]) -> tuple[torch.Tensor | None, int, str | None]:
+    errors = [error for _, _, error in items if error is not None]
+    if errors:
+        return None, 0, errors[0]
+    return torch.stack([image for image, _, _ in items]), sum(n for _, n, _ in items), None
+
+
+class StreamedImages:
+    """Batches of a streamed split decoded by DataLoader worker processes (persistent, pinned
+    memory on CUDA), `workers` of them; with `augment`, each image's RandomResizedCrop + flip is
+    drawn there from `sample_seed(seed, epoch, position)`, so the loop's own augmentation is
+    skipped (`augments`) and a resumed epoch decodes the same crops as an uninterrupted one."""
+
+    def __init__(self, images: FileImages, device: torch.device, augment: bool, seed: int, persistent: bool = True) -> None:
+        self.device, self.augments, self.seed = device, augment, seed
+        self.sampler = _EpochBatches()
+        workers = images.workers if images.workers > 1 else 0  # 1: decode in this process
+        self.loader = DataLoader(
+            _Decoded(images), batch_sampler=self.sampler, num_workers=workers, collate_fn=_stack,
+            pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
+        )
+        self.skipped = 0  # files replaced so far (bad_images=skip)
+
+    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[torch.Tensor]:
+        def key(p: int) -> tuple[int, int | None]:
+            return (p, sample_seed(self.seed, epoch, p) if self.augments else None)
+
+        self.sampler.batches = [[key(p) for p in idx.tolist()] for idx in batches]
+        for images, skipped, error in self.loader:
+            if error is not None:
+                raise DataError(error)
+            self.skipped += skipped
+            yield images.to(self.device, non_blocking=True)
+
+
+
+def eval_batches(images: torch.Tensor | FileImages, batches: list[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """`images[batch]` for each batch, in order, for evaluation: gathered from RAM, or for a
+    streamed split decoded ahead by loader workers (evaluation transform), so the device does
+    not wait for each batch's decode (ImageNet's 50 000 val images every epoch)."""
+    if isinstance(images, FileImages):
+        yield from StreamedImages(images, device, augment=False, seed=0, persistent=False).epoch(batches)
+    else:
+        yield from (images[batch] for batch in batches)
