@@ -11,6 +11,8 @@ Two ways, chosen once per run by `images_on_device`:
 
 The batch order is the loop's (`epoch_batches`); both ways hand the step exactly
 `images[batch]`, so a run's metrics do not depend on which one was used (tests/test_inputs.py).
+Each yields (the batch's rows on the device, its images): the rows are copied to the device once
+per step, and the step's other users of them (CRD's memory bank, through `Step`) take that copy.
 """
 from __future__ import annotations
 
@@ -60,12 +62,14 @@ class ResidentImages:
             self.position = position.to(device)
         self.device = device
 
-    def epoch(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    def epoch(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows on the device, images) of each batch; on the CPU the rows are `idx` itself."""
         for idx in batches:
             if self.position is None:
-                yield self.images[idx]
+                yield idx, self.images[idx]
             else:
-                yield self.images[self.position[idx.to(self.device, non_blocking=True)]]
+                on_device = idx.to(self.device, non_blocking=True)
+                yield on_device, self.images[self.position[on_device]]
 
 
 class PrefetchedImages:
@@ -76,11 +80,12 @@ class PrefetchedImages:
         self.images, self.device, self.depth = images, device, depth
         self.cuda = device.type == "cuda"
 
-    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
+    def _gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.images[idx]
-        return batch.pin_memory() if self.cuda else batch
+        return (idx.pin_memory(), batch.pin_memory()) if self.cuda else (idx, batch)
 
-    def epoch(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    def epoch(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(rows on the device, images) of each batch, the rows copied with the images."""
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 
@@ -102,12 +107,13 @@ class PrefetchedImages:
                 if isinstance(item, BaseException):
                     raise item
                 if stream is None:
-                    yield item.to(self.device)
+                    yield tuple(t.to(self.device) for t in item)
                     continue
                 with torch.cuda.stream(stream):
-                    on_device = item.to(self.device, non_blocking=True)
+                    on_device = tuple(t.to(self.device, non_blocking=True) for t in item)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
-                on_device.record_stream(torch.cuda.current_stream(self.device))
+                for t in on_device:
+                    t.record_stream(torch.cuda.current_stream(self.device))
                 yield on_device
         finally:
             stop.set()

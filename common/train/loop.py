@@ -356,7 +356,8 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
     bar = tqdm(batches, desc=f"{loop.desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True, unit="batch")  # None: off when not a terminal
     # The images come from the device (resident) or a prefetching thread, always images[idx] of
     # this order, so the path never changes a number.
-    for step, (idx, raw) in enumerate(zip(bar, loop.images.epoch(batches))):
+    # `rows` is `idx` on the device, copied once per step by the image source.
+    for step, (idx, (rows, raw)) in enumerate(zip(bar, loop.images.epoch(batches))):
         x = data.normalize(raw, device)
         if cfg.augment:
             x = augment_batch(x, generator)
@@ -364,7 +365,7 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
         t_feats, t_logits = loop.teacher.batch(idx, x) if loop.teacher is not None else ({}, None)
         with _autocast(device, loop.amp):
             # every method gets the same call; `Step` carries what only some use (CRD, DKD)
-            logits, losses = loop.net(x, y, t_feats, t_logits, Step(idx.to(device, non_blocking=True), epoch))
+            logits, losses = loop.net(x, y, t_feats, t_logits, Step(rows, epoch))
         loss = sum(losses.values())
         bad.update(step + 1, loss, losses)
         loop.optimizer.zero_grad(set_to_none=True)
