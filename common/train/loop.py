@@ -36,6 +36,7 @@ from common.data.registry import Data, augment_batch
 from common.train.distributed import SINGLE, Ranks
 from common.errors import ConfigError, TrainingError
 from common.methods.base import Step
+from common.train.compiled import compile_errors, compile_training_step
 from common.train.inputs import PrefetchedImages, ResidentImages, images_on_device
 from common.files import atomic_torch_save, atomic_write, atomic_write_text, atomic_write_yaml
 
@@ -140,6 +141,7 @@ class _Loop:
     """Everything one training run's epochs share, set up once by `fit`."""
 
     net: nn.Module  # what a step calls: `model`, or DDP around it
+    compiled: str | None  # the torch.compile mode of `model`'s call (train.compile), None: eager
     model: nn.Module
     weights_of: nn.Module  # the part whose weights are saved
     data: Data
@@ -196,7 +198,8 @@ def fit(
     tracker = tracking.open_tracker(cfg.tracker, run_dir, desc or run_dir.name, run_config or {}) if ranks.is_main else tracking.NoTracker()
     try:
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-            row = _epoch(loop, epoch, progress)
+            with compile_errors(loop.compiled):  # torch.compile builds at the first step
+                row = _epoch(loop, epoch, progress)
             _save_checkpoint(loop, progress)
             if ranks.is_main:
                 tracker.log(tracking.epoch_scalars(row), epoch)
@@ -251,11 +254,13 @@ def _setup(
         # its weight) and state dicts load into either layout. It changes float summation order,
         # so it is part of the run key.
         model.to(memory_format=torch.channels_last)
+    compiled = compile_training_step(model, cfg.compile, device, ranks.is_main)  # before DDP wraps it (torch's advice)
     net = distributed.wrap(model, ranks, device)
     groups = param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
     optimizer = make_optimizer(groups, cfg, lr)
     return _Loop(
         net=net,
+        compiled=compiled,
         model=model,
         weights_of=weights_of if weights_of is not None else model,
         data=data,
