@@ -246,6 +246,8 @@ def _setup(
     if ranks.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
+    if hasattr(model, "check_rows"):  # a method's per-row state (CRD's bank) covers the rows: once, not per step
+        model.check_rows(rows)
     if cfg.channels_last:
         # NHWC: oneDNN (CPU) and cuDNN convolutions skip a layout conversion per call. Plain CE
         # training, 1 CPU thread (bench/bench_train_loop.py --channels-last): 1.18-1.31x the
