@@ -8,12 +8,15 @@ weights do not change) and `forward_eval`, which evaluation calls directly, stay
 - On CUDA the mode is "reduce-overhead": CUDA graphs, which need static shapes, and the loop's
   shapes are static (it drops the last partial batch). Autograd's backward is compiled and
   graphed with it. CUDA graph trees start a new step at each forward when no backward is
-  pending, which is the loop's order (forward, backward, optimizer step).
+  pending, which is the loop's order (forward, backward, optimizer step). Where torch cannot
+  graph a part (an input mutated in place, say), it runs that part without CUDA graphs and says
+  so in a warning. None of this has run: no GPU has been lent to this project.
 - On the CPU the default mode (Inductor's C++ kernels; needs a C++ compiler).
 
-`auto` is off everywhere. On the CPU it did not pay (docs/performance.md); on a GPU it has not
-been measured, since no GPU has been lent to this project. `make gpu-check` measures it (its
-`compile` part); auto should become "on for CUDA" only once such a measurement shows it pays.
+`auto` is off everywhere. On the CPU it did not pay (docs/performance.md, "torch.compile"); on a
+GPU it has not been measured, since no GPU has been lent to this project. `make gpu-check`
+measures it (its `compile` part); auto should become "on for CUDA" only once such a measurement
+shows that it pays.
 
 It changes float summation order (fused kernels), not the arithmetic: metrics agree with eager
 to float tolerance (tests/test_compile.py), and it is not part of the run key, like the device.
@@ -30,7 +33,7 @@ from torch import nn
 from common.errors import ConfigError
 
 log = logging.getLogger("kd")
-CUDA_MODE = "reduce-overhead"  # CUDA graphs: the launch overhead of many small kernels goes
+CUDA_MODE = "reduce-overhead"  # CUDA graphs: one launch per graph instead of one per kernel
 CPU_MODE = "default"
 
 
@@ -58,8 +61,8 @@ def compile_training_step(model: nn.Module, setting: bool | str, device: torch.d
 @contextlib.contextmanager
 def compile_errors(mode: str | None) -> Iterator[None]:
     """A failed torch.compile build (no C++ compiler on the CPU, no Triton on CUDA) as one
-    ConfigError line. Only the backend's failure is caught: an error of the model's own code
-    raises as it does eagerly (Dynamo runs that code eagerly when it cannot trace it)."""
+    ConfigError line. Only the backend's failure (BackendCompilerFailed) is caught: an error
+    raised by the model's own code is not one, and raises unchanged."""
     if mode is None:
         yield
         return
@@ -68,7 +71,7 @@ def compile_errors(mode: str | None) -> Iterator[None]:
     try:
         yield
     except BackendCompilerFailed as exc:
-        cause = _first_line(getattr(exc, "inner_exception", None) or exc)
+        cause = _first_line(exc)
         raise ConfigError(
             f"train.compile=true: torch.compile (mode {mode}) could not build the training step ({cause}); "
             "install what it names (a C++ compiler on the CPU, Triton on CUDA) or set train.compile=false"
@@ -76,7 +79,10 @@ def compile_errors(mode: str | None) -> Iterator[None]:
 
 
 def _first_line(exc: BaseException) -> str:
-    """`Type: first line of the message` of what the backend raised (Inductor wraps its own)."""
-    inner = getattr(exc, "inner_exception", None) or exc  # InductorError around InvalidCxxCompiler
+    """`Type: first line of the message` of what the backend raised, unwrapped (BackendCompilerFailed
+    around InductorError around InvalidCxxCompiler)."""
+    inner = exc
+    while getattr(inner, "inner_exception", None) is not None:
+        inner = inner.inner_exception
     text = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
     return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
