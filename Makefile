@@ -91,7 +91,7 @@ bench: setup
 	$(PY) bench/bench_epoch.py
 	$(PY) bench/bench_syncs.py
 
-# Host syncs per training step in steady state, ce and ours from the cache (issue 19's goal: <= 0.1).
+# Host syncs per training step in steady state, ce, and ours and crd from the cache (issue 19's goal: <= 0.1).
 bench-syncs: setup
 	$(PY) bench/bench_syncs.py
 

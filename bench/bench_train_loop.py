@@ -15,6 +15,11 @@ evaluation, no checkpoint), the plain loop's the same span.
 
   python bench/bench_train_loop.py --repeats 5                  # demo size (configs/demo.yaml)
   python bench/bench_train_loop.py --size cifar --repeats 3     # 32x32x3, 100 classes, full width
+  python bench/bench_train_loop.py --size cifar --compile       # also fit with train.compile=true
+
+--compile adds fit with train.compile=true (common/train/compiled.py: CUDA graphs on CUDA) and
+its images/s against eager fit's; the warm-up run before the timed ones pays the build, which later
+runs of a new model of the same class reuse.
 """
 from __future__ import annotations
 
@@ -65,8 +70,9 @@ def new_model(role: Role, data: Data, seed: int) -> torch.nn.Module:
     return create_model(role.model.name, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, width=role.model.width)
 
 
-def run_fit(role: Role, data: Data, rows: torch.Tensor, seed: int) -> float:
-    """Images/s of one epoch of common.train.loop.fit (its own measurement of the training part)."""
+def run_fit(role: Role, data: Data, rows: torch.Tensor, seed: int, compile: bool = False) -> float:
+    """Images/s of one epoch of common.train.loop.fit (its own measurement of the training part);
+    `compile`: with train.compile=true."""
     model = new_model(role, data, seed)
     ce = build_distiller(
         resolve_method(MethodConfig(name="ce")), model, num_classes=data.num_classes,
@@ -75,6 +81,8 @@ def run_fit(role: Role, data: Data, rows: torch.Tensor, seed: int) -> float:
     cfg = dataclasses.replace(role.train, epochs=1, seed=seed, progress=False)
     if hasattr(cfg, "tracker"):
         cfg = dataclasses.replace(cfg, tracker="none")
+    if compile:
+        cfg = dataclasses.replace(cfg, compile=True)
     with tempfile.TemporaryDirectory() as tmp:
         result = fit(ce, data, cfg, Path(tmp), lr=role.lr, train_indices=rows, weights_of=model)
     return float(result.metrics["images_per_s"].iloc[0])
@@ -130,6 +138,7 @@ def main() -> None:
     p.add_argument("--n-train", type=int, default=2000, help="cifar: generated training images")
     p.add_argument("--other-layout", action="store_true", help="also time the plain loop in the other memory layout (NCHW when train.channels_last is on, else NHWC)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); 1 is steadier on a loaded machine")
+    p.add_argument("--compile", action="store_true", help="also time fit with train.compile=true (torch.compile of the step) against eager fit")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if args.threads:
@@ -142,17 +151,19 @@ def main() -> None:
         config = args.config or DEFAULT_CONFIG[args.size]
         cfg = load_config(config, overrides)
         data = load_data(cfg.dataset)
-        bench(cfg, data, args.repeats, args.images, args.other_layout, f"{args.size} size ({config}, threads {torch.get_num_threads()})")
+        bench(cfg, data, args.repeats, args.images, args.other_layout, f"{args.size} size ({config}, threads {torch.get_num_threads()})", args.compile)
 
 
-def bench(cfg: Config, data: Data, repeats: int, images: int | None, other_layout: bool, title: str) -> None:
+def bench(cfg: Config, data: Data, repeats: int, images: int | None, other_layout: bool, title: str, compiled: bool = False) -> None:
     """The plain loop uses fit's memory layout (train.channels_last), so fit / plain measures the
-    loop alone; `other_layout` adds the plain loop in the other layout, which measures the layout."""
-    variants = ["fit", "plain"] + (["plain, other layout"] if other_layout else [])
+    loop alone; `other_layout` adds the plain loop in the other layout, which measures the layout;
+    `compiled` adds fit with train.compile=true, against eager fit."""
+    variants = ["fit", "plain"] + (["plain, other layout"] if other_layout else []) + (["fit, compiled"] if compiled else [])
     print(f"\n{title}: training images/s, median of {repeats} interleaved one-epoch runs:")
     extra = " plain in the other layout img/s | fit's layout / other (plain loops) |" if other_layout else ""
+    extra += " fit compiled img/s | compiled / eager fit (median of the repeats' ratios) |" if compiled else ""
     print(f"| model | layout | images | batch | fit img/s (median) | plain img/s (median) | fit / plain (median of the repeats' ratios) | each repeat's ratio |{extra}")
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if other_layout else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if other_layout else "") + ("---|---|" if compiled else ""))
     for role in roles(cfg):
         layout = "NHWC" if role.train.channels_last else "NCHW"
         subset = images if images is not None else role.train.train_subset
@@ -163,12 +174,12 @@ def bench(cfg: Config, data: Data, repeats: int, images: int | None, other_layou
         ips: dict[str, list[float]] = {v: [] for v in variants}
 
         def run(variant: str, seed: int) -> float:
-            if variant == "fit":
-                return run_fit(role, data, rows, seed)
+            if variant in ("fit", "fit, compiled"):
+                return run_fit(role, data, rows, seed, compile=variant == "fit, compiled")
             return run_plain(role, data, x_all, y_all, seed, channels_last=role.train.channels_last != (variant == "plain, other layout"),
                              amp=role.train.amp and device.type == "cuda")
 
-        for variant in variants:  # warm-up (allocator, oneDNN primitives), not counted
+        for variant in variants:  # warm-up (allocator, oneDNN primitives, the compiled step's build), not counted
             run(variant, seed=100)
         for rep in range(repeats):
             # alternate the order, so a drift in machine load favours none
@@ -181,6 +192,9 @@ def bench(cfg: Config, data: Data, repeats: int, images: int | None, other_layou
         if other_layout:
             layout_ratios = [a / b for a, b in zip(ips["plain"], ips["plain, other layout"])]
             row += f" {med['plain, other layout']:.0f} | {statistics.median(layout_ratios):.3f} |"
+        if compiled:
+            compile_ratios = [a / b for a, b in zip(ips["fit, compiled"], ips["fit"])]
+            row += f" {med['fit, compiled']:.0f} | {statistics.median(compile_ratios):.3f} |"
         print(row, flush=True)
 
 

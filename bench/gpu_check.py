@@ -17,7 +17,9 @@ names the GPU, the driver and torch, and holds:
                images, the default subsets: |A| = 5 000, |B| = 50 000), from stage 1's own step
                lines (bench/bench_profile_scale.py's bench_width);
   extraction   stage 1's feature extraction with HDF5 writes against the teacher's inference,
-               images/s (bench/bench_extract.py).
+               images/s (bench/bench_extract.py);
+  compile      ce_epoch's fit with train.compile=true (CUDA graphs) against eager fit, images/s,
+               and the build's cost (common/train/compiled.py: whether `auto` should turn it on).
 
 Every figure is a measurement, shown with the wall time of what measured it; medians and ratios
 are listed apart, as arithmetic on those measurements. Each speed section runs in its own process
@@ -54,11 +56,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))  # the bench scripts import each other by bare name
 
 TOTAL_S = 480  # the issue's "at most 8 minutes" on one GPU
-SECTIONS = ("ce_epoch", "ours_vs_ce", "quality", "extraction")
+SECTIONS = ("ce_epoch", "ours_vs_ce", "quality", "extraction", "compile")
 # Seconds each part may take; they add up to TOTAL_S less what the parent needs (importing torch,
 # writing the summary). Sized from the CPU measurements in docs/performance.md and docs/gpus.md,
-# scaled for an H200-class GPU: guesses until the first run on a GPU replaces them.
-BOXES = {"tests": 130, "ce_epoch": 50, "ours_vs_ce": 90, "quality": 150, "extraction": 50}
+# scaled for an H200-class GPU: guesses until the first run on a GPU replaces them. compile is
+# mostly the build of ResNet9's forward and backward (the whole part took 50 s at the toy width
+# on this project's loaded 2-core CPU with an empty Inductor cache), then epochs of seconds.
+BOXES = {"tests": 115, "ce_epoch": 45, "ours_vs_ce": 85, "quality": 110, "extraction": 35, "compile": 80}
 MIN_BOX_S = 15  # below this a part is not started (it would only time out)
 
 
@@ -149,32 +153,17 @@ def _cifar_config(data_root: Path, artifacts: Path, sizes: Sizes, device: str, *
 # ----------------------------------------------------------------------------- the speed parts (children)
 
 
-def part_ce_epoch(sizes: Sizes, device: str, work: Path, box: Box) -> dict[str, Any]:
-    """fit's `ce` epoch against the plain step on device-resident tensors (bench_train_loop)."""
-    from bench_profile_scale import write_cifar100
-    from bench_train_loop import roles, run_fit, run_plain
-    from common.data.registry import load_data
-    from common.runtime import resolve_device
-
-    write_cifar100(work / "data", sizes.n_train, sizes.n_test, classes=sizes.classes)
-    cfg = _cifar_config(work / "data", work / "artifacts", sizes, device)
-    data = load_data(cfg.dataset)
-    role = roles(cfg)[1]  # the ce student
-    dev = resolve_device(role.train.device)
-    rows = data.training_subset(role.train.train_subset, cfg.dataset.split_seed)
-    x_all, y_all = data.normalize(data.train.images[rows], dev), data.train.labels[rows].to(dev)
-    amp = role.train.amp and dev.type == "cuda"
-    variants = {
-        "fit": lambda seed: run_fit(role, data, rows, seed),
-        "plain": lambda seed: run_plain(role, data, x_all, y_all, seed, channels_last=role.train.channels_last, amp=amp),
-    }
+def _interleaved_epochs(variants: dict[str, Callable[[int], float]], dev: Any, repeats: int, box: Box) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+    """One warm-up epoch of each variant (kernels, cuDNN, the allocator, a compiled step's build),
+    then up to `repeats` rounds in alternating order while the box allows; (the measurements,
+    each variant's timed images/s). A variant is `run(seed) -> images/s`."""
     out: list[dict[str, Any]] = []
-    for name, run in variants.items():  # warm-up: kernels, cuDNN, the allocator
+    for name, run in variants.items():
         ips, wall = timed(run, dev, 100)
         out.append(measurement(f"{name} warm-up epoch", ips, "images/s", wall))
     ips_of: dict[str, list[float]] = {name: [] for name in variants}
     last = 0.0
-    for rep in range(sizes.repeats):
+    for rep in range(repeats):
         if rep and not box.fits(last):
             break
         tic = time.perf_counter()
@@ -183,8 +172,38 @@ def part_ce_epoch(sizes: Sizes, device: str, work: Path, box: Box) -> dict[str, 
             ips_of[name].append(ips)
             out.append(measurement(f"{name} epoch, repeat {rep + 1}", ips, "images/s", wall))
         last = time.perf_counter() - tic
+    return out, ips_of
+
+
+def _ce_student(sizes: Sizes, device: str, work: Path):
+    """(the ce student's role, its data, its training rows, its device) on generated CIFAR-100 data."""
+    from bench_profile_scale import write_cifar100
+    from bench_train_loop import roles
+    from common.data.registry import load_data
+    from common.runtime import resolve_device
+
+    write_cifar100(work / "data", sizes.n_train, sizes.n_test, classes=sizes.classes)
+    cfg = _cifar_config(work / "data", work / "artifacts", sizes, device)
+    data = load_data(cfg.dataset)
+    role = roles(cfg)[1]
+    rows = data.training_subset(role.train.train_subset, cfg.dataset.split_seed)
+    return role, data, rows, resolve_device(role.train.device)
+
+
+def part_ce_epoch(sizes: Sizes, device: str, work: Path, box: Box) -> dict[str, Any]:
+    """fit's `ce` epoch against the plain step on device-resident tensors (bench_train_loop)."""
+    from bench_train_loop import run_fit, run_plain
+
+    role, data, rows, dev = _ce_student(sizes, device, work)
+    x_all, y_all = data.normalize(data.train.images[rows], dev), data.train.labels[rows].to(dev)
+    amp = role.train.amp and dev.type == "cuda"
+    variants = {
+        "fit": lambda seed: run_fit(role, data, rows, seed),
+        "plain": lambda seed: run_plain(role, data, x_all, y_all, seed, channels_last=role.train.channels_last, amp=amp),
+    }
+    out, ips_of = _interleaved_epochs(variants, dev, sizes.repeats, box)
     return {
-        "setup": {"model": f"{cfg.student.name} x{cfg.student.width:g}", "images": len(rows), "batch": role.train.batch_size,
+        "setup": {"model": f"{role.model.name} x{role.model.width:g}", "images": len(rows), "batch": role.train.batch_size,
                   "amp": amp, "channels_last": role.train.channels_last, "device": str(dev),
                   "fit": "common.train.loop.fit, its own images/s of the training part (metrics.csv)",
                   "plain": "zero_grad / forward / cross-entropy / backward / AdamW step on pre-normalized device-resident images"},
@@ -324,8 +343,36 @@ def part_extraction(sizes: Sizes, device: str, work: Path, box: Box) -> dict[str
     }
 
 
+def part_compile(sizes: Sizes, device: str, work: Path, box: Box) -> dict[str, Any]:
+    """ce_epoch's fit with train.compile=true against eager fit (bench_train_loop --compile). The
+    warm-up epochs are kept apart: the compiled one holds the build, which later fits of a new
+    model of the same class reuse."""
+    from bench_train_loop import run_fit
+    from common.train.compiled import compile_mode
+
+    role, data, rows, dev = _ce_student(sizes, device, work)
+    variants = {
+        "fit, eager": lambda seed: run_fit(role, data, rows, seed),
+        "fit, compiled": lambda seed: run_fit(role, data, rows, seed, compile=True),
+    }
+    out, ips_of = _interleaved_epochs(variants, dev, sizes.repeats, box)
+    warm = {m["what"]: m["wall_s"] for m in out if m["what"].endswith("warm-up epoch")}
+    return {
+        "setup": {"model": f"{role.model.name} x{role.model.width:g}", "images": len(rows), "batch": role.train.batch_size,
+                  "device": str(dev), "mode": compile_mode(True, dev),
+                  "what": "common.train.loop.fit one epoch, train.compile=false against true; auto stays off until this pays on a GPU"},
+        "measurements": out,
+        "derived": [
+            derived("compiled fit images/s, median", statistics.median(ips_of["fit, compiled"]), "images/s", "compiled epochs after the warm-up"),
+            derived("compiled / eager fit images/s, median of the repeats' ratios", _median_ratio(ips_of["fit, compiled"], ips_of["fit, eager"]), "x", "the paired epochs"),
+            derived("the build: compiled warm-up epoch's wall time - eager warm-up's", warm["fit, compiled warm-up epoch"] - warm["fit, eager warm-up epoch"], "s", "the warm-up epochs"),
+        ],
+    }
+
+
 PARTS: dict[str, Callable[[Sizes, str, Path, Box], dict[str, Any]]] = {
     "ce_epoch": part_ce_epoch, "ours_vs_ce": part_ours_vs_ce, "quality": part_quality, "extraction": part_extraction,
+    "compile": part_compile,
 }
 
 

@@ -103,6 +103,10 @@ class TrainConfig:
     # memory, one budget for both, the images counted first; always resident on the CPU, where
     # that is the RAM copy (or the cache file, read as before). Never changes a number.
     input_path: str = "auto"
+    # auto | true | false: torch.compile of the training step (common/train/compiled.py; CUDA
+    # graphs on CUDA). auto is off everywhere: on the CPU it did not pay, and no GPU has measured
+    # it yet. Never part of the run key, like the device.
+    compile: Union[bool, str] = "auto"
     progress: bool = True
     tracker: str = "tensorboard"  # tensorboard (event files in the run's tb/) | wandb | trackio | none
 
@@ -484,6 +488,10 @@ def _check_train(where: str, t: TrainConfig) -> None:
     _require(t.device.strip() != "", f"{where}.device is empty; use auto, cpu, cuda or cuda:N")
     _require(t.teacher_source in TEACHER_SOURCES, f"{where}.teacher_source is '{t.teacher_source}'; use one of {', '.join(TEACHER_SOURCES)}")
     _require(t.input_path in INPUT_PATHS, f"{where}.input_path is '{t.input_path}'; use one of {', '.join(INPUT_PATHS)}")
+    _require(
+        isinstance(t.compile, bool) or t.compile == "auto",
+        f"{where}.compile={t.compile!r} is not allowed; use auto (off until a GPU measures that it pays), true (torch.compile the step) or false",
+    )
     _require(
         not (t.augment and t.teacher_source == "cache"),
         f"{where}.augment=true needs the live teacher (cached features would be stale); set {where}.teacher_source=live or auto",

@@ -22,18 +22,20 @@ def test_tiny_cpu_check_writes_every_section(tmp_path):
     tests = summary["tests"]
     assert tests["status"] == "passed" and tests["counts"]["failed"] == 0 and len(tests["results"]) >= 10
     assert all(r["outcome"] == "passed" and "[cpu-" in r["test"] for r in tests["results"])  # no CUDA case without CUDA
-    assert set(summary["speed"]) == {"ce_epoch", "ours_vs_ce", "quality", "extraction"}
+    assert set(summary["speed"]) == {"ce_epoch", "ours_vs_ce", "quality", "extraction", "compile"}
     for name, part in summary["speed"].items():
         assert part["status"] == "ok", (name, part.get("log_tail"))
         assert part["measurements"] and part["derived"], name
         assert all(m["value"] > 0 and m["wall_s"] > 0 for m in part["measurements"]), name  # every figure with its wall time
     units = {name: {m["unit"] for m in part["measurements"]} for name, part in summary["speed"].items()}
-    assert "images/s" in units["ce_epoch"] and "images/s" in units["extraction"]
+    assert "images/s" in units["ce_epoch"] and "images/s" in units["extraction"] and "images/s" in units["compile"]
+    compiled = {d["what"] for d in summary["speed"]["compile"]["derived"]}
+    assert any(w.startswith("compiled / eager") for w in compiled) and any(w.startswith("the build") for w in compiled)
     steps = [m["what"] for m in summary["speed"]["quality"]["measurements"]]
     assert any("quality_subset_a" in w for w in steps) and any("quality_subset_b" in w for w in steps)
     text = (tmp_path / "out" / "gpu_check.md").read_text()
     assert text.startswith(f"# make gpu-check: {env['device_name']}") and env["torch"] in text
-    for heading in ("## Correctness: passed", "### ce_epoch: ok", "### ours_vs_ce: ok", "### quality: ok", "### extraction: ok"):
+    for heading in ("## Correctness: passed", "### ce_epoch: ok", "### ours_vs_ce: ok", "### quality: ok", "### extraction: ok", "### compile: ok"):
         assert heading in text
     assert not list(tmp_path.glob("gpu_check_*"))  # the generated data and caches are removed
 

@@ -37,7 +37,8 @@ def test_each_path_yields_exactly_the_batches_in_order(source):
     assert isinstance(made, inputs.ResidentImages if source == "resident" else inputs.PrefetchedImages)
     got = list(made.epoch(_batches()))
     assert len(got) == len(_batches())
-    for batch, idx in zip(got, _batches()):
+    for (rows, batch), idx in zip(got, _batches()):
+        assert torch.equal(rows, idx) and rows.device == CPU  # the step's one device copy of its rows
         assert torch.equal(batch, images[idx])
 
 
@@ -55,7 +56,7 @@ def test_prefetch_raises_the_gather_error_and_stops_cleanly_when_left_early():
         list(inputs.PrefetchedImages(images, CPU).epoch(bad))
     many = [torch.tensor([i % 40]) for i in range(200)]
     epoch = inputs.PrefetchedImages(images, CPU).epoch(many)
-    assert [b.tolist() for b in itertools.islice(epoch, 3)] == [images[[0]].tolist(), images[[1]].tolist(), images[[2]].tolist()]
+    assert [b.tolist() for _, b in itertools.islice(epoch, 3)] == [images[[0]].tolist(), images[[1]].tolist(), images[[2]].tolist()]
     epoch.close()  # a stop mid-epoch (NaN, Ctrl-C) must not leave the producer blocked forever
 
 

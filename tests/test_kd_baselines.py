@@ -360,8 +360,44 @@ def test_sample_negatives_bad_inputs():
         C.sample_negatives(torch.tensor([0]), None, 0, n_data=5)
     with pytest.raises(ValueError, match="labels or n_data"):
         C.sample_negatives(torch.tensor([0]), None, 3)
-    with pytest.raises(ValueError, match=r"\[0, 5\)"):
-        C.sample_negatives(torch.tensor([5]), None, 3, n_data=5)
+
+
+def test_sample_negatives_mixes_both_draws_by_the_rows_class():
+    labels = torch.tensor([0] * 30 + [1] * 3)  # class 0's pool (3) is below 10 negatives, class 1's (30) is not
+    idx = torch.tensor([0, 31, 5, 32])
+    out = C.sample_negatives(idx, labels, 10, torch.Generator().manual_seed(0))
+    for row, anchor in zip(out[:, 1:], labels[idx].tolist()):
+        assert (labels[row] != anchor).all()
+        assert row.unique().numel() == (3 if anchor == 0 else 10)  # with replacement past the pool only
+
+
+@pytest.mark.parametrize("k", [4, 20])  # a pool of 8: without replacement, and with it
+def test_sample_negatives_is_uniform_over_the_other_classes_rows(k):
+    labels = torch.arange(12) % 3  # classes interleaved: the draw must not rely on sorted labels
+    sampler = C.NegativeSampler(labels, k)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.zeros(2000, dtype=torch.long)  # class 0: its pool is the 8 rows of classes 1 and 2
+    counts = torch.bincount(sampler(idx, gen)[:, 1:].flatten(), minlength=12)
+    assert counts[labels == 0].sum() == 0
+    expected = 2000 * k / 8
+    assert ((counts[labels != 0] - expected).abs() < 0.1 * expected).all(), counts.tolist()
+
+
+def test_a_crd_step_reads_nothing_back_from_the_device():
+    """issue 19: the sampler and the memory (Z set once) need no host read per batch."""
+    from tests.test_syncs import HostSyncCounter
+
+    labels = torch.arange(40) % 4
+    # each kind of draw: without replacement, with it (35 > the pool of 30), uniform
+    samplers = [C.NegativeSampler(labels, 8), C.NegativeSampler(labels, 35), C.NegativeSampler(None, 8, n_data=40)]
+    f_s, f_t = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6)
+    with HostSyncCounter() as counter:
+        for sampler in samplers:
+            crd = C.CRDLoss(s_dim=6, t_dim=6, n_data=40, feat_dim=5, n_negatives=sampler.n_negatives)
+            for _ in range(2):  # the first batch sets Z, the second keeps it
+                idx = torch.randint(40, (4,))
+                crd(f_s, f_t, idx, sampler(idx)).backward()
+    assert counter.count == 0, dict(counter.where)
 
 
 # ----------------------------------------------------------------------------- the presets, through the one loop
@@ -445,8 +481,11 @@ def test_crd_preset_embeds_the_penultimate_pair_and_updates_its_bank_rows():
     assert set(losses) == {"ce", "feat"} and torch.isfinite(losses["feat"]) and losses["feat"] > 0
     changed = (memory.memory_student != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == [0, 5, 7, 20]  # bank positions of the batch's rows, nothing else
-    with pytest.raises(ValueError, match="outside the training rows"):
-        distiller.forward_train(images, labels_all[:4], features, None, Step(torch.tensor([0, 1, 2, 3]), 1))
+    distiller.check_rows(rows)  # the loop's check at setup, once per run: the rows the bank was built for pass
+    with pytest.raises(ValueError, match=r"2 batch row\(s\) outside the training rows .*\(e.g. row 0\)"):
+        distiller.check_rows(torch.tensor([0, 1, 10, 11]))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 60\), got 10..60"):
+        distiller.check_rows(torch.tensor([10, 60]))
     with pytest.raises(ConfigError, match="one layer pair"):
         build_distiller(spec, toy_student(), num_classes=N, input_shape=INPUT, teacher_layers=[3, 4], student_layers=[2, 3],
                         teacher_shapes=SHAPES, train_rows=rows, train_labels=labels_all)

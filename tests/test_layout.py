@@ -28,7 +28,7 @@ PACKAGES = {
     "quality": {"formulas", "stream"},
     "report": {"runner", "stats", "tables", "text", "page", "exports", "published"},
     "study": {"__main__", "runner", "plan", "stats", "text"},
-    "train": {"loop", "recipes", "distributed", "tracking", "teacher_source", "inputs", "streamed"},
+    "train": {"loop", "recipes", "distributed", "tracking", "teacher_source", "inputs", "streamed", "compiled"},
 }
 TOP_MODULES = {"checks", "cli", "config", "distill", "errors", "files", "method_spec", "plots", "registry", "runtime"}
 

@@ -44,7 +44,7 @@ TEACHER_COLUMNS = [
 # than their CE baseline (METHOD 8.7), so the LR must not pull the match elsewhere.
 _REGIME_IGNORED = {
     "dataset": {"root", "download"},
-    "train": {"seed", "lr", "device", "progress", "eval_batch_size", "teacher_source", "input_path"},
+    "train": {"seed", "lr", "device", "progress", "eval_batch_size", "teacher_source", "input_path", "compile"},
 }
 
 # The library prefixes of model names (`common.models.external.LIBRARIES`; not imported from

@@ -87,8 +87,9 @@ def mark_failed(run_dir: Path, exc: BaseException) -> None:
         atomic_write_text(Path(run_dir) / FAILED, text.rstrip("\n") + "\n")
 
 
-# Settings that never change what a run produces.
-_RUNTIME_ONLY = ("progress", "device", "eval_batch_size", "teacher_source", "seed", "tracker", "input_path")
+# Settings that never change what a run produces, or change it only as another device does: the
+# same arithmetic in another float order (`compile` fuses kernels; `device` itself is here).
+_RUNTIME_ONLY = ("progress", "device", "eval_batch_size", "teacher_source", "seed", "tracker", "input_path", "compile")
 
 
 # Settings read only by one optimizer or one schedule: left out of the key of the others.

@@ -209,6 +209,14 @@ class Distiller(nn.Module):
         """Test-time logits."""
         return self.student(images)
 
+    def check_rows(self, rows: torch.Tensor) -> None:
+        """Raise if a method keeps per-row state (CRD's memory bank) that lacks some of the dataset
+        rows `rows` a run draws its batches from. The loop calls it once at setup, on the host, so
+        that no step needs to check its batch (a host read per step on a GPU)."""
+        check = getattr(self.feature_term, "check_rows", None)
+        if check is not None:
+            check(rows)
+
     # -- the interface used by the training loop
 
     def forward_train(

@@ -21,7 +21,7 @@ from torch import nn
 
 from common.errors import ConfigError
 from common.methods.base import FEATURE_BASE, FEATURE_LOSSES, FeatureContext, Step, register_method
-from common.methods.crd_loss import CRD_CE_WEIGHT, CRD_KD_T, CRD_PLUS_KD_KD_WEIGHT, CRD_WEIGHT, CRDLoss, sample_negatives
+from common.methods.crd_loss import CRD_CE_WEIGHT, CRD_KD_T, CRD_PLUS_KD_KD_WEIGHT, CRD_WEIGHT, CRDLoss, NegativeSampler
 
 
 class CRDTerm(nn.Module):
@@ -44,17 +44,33 @@ class CRDTerm(nn.Module):
         position = torch.full((len(labels),), -1, dtype=torch.long)
         position[rows] = torch.arange(len(rows))
         self.register_buffer("position", position, persistent=False)
-        self.register_buffer("bank_labels", labels[rows], persistent=False)
+        self.host_position = position  # for check_rows, which must not read the device
         self.n_negatives = context.spec.crd_negatives
+        self.negatives = NegativeSampler(labels[rows], self.n_negatives)
         self.loss = CRDLoss(math.prod(s_shape), math.prod(t_shape), len(rows), n_negatives=self.n_negatives)
+
+    def check_rows(self, rows: torch.Tensor) -> None:
+        """Raise unless every dataset row a run draws batches from has a row in the memory bank.
+
+        Checked once, on the host, when the loop sets up (Distiller.check_rows): per batch it was
+        a host read per step, which drains a GPU's queue (issue 19).
+        """
+        rows = rows.reshape(-1).long().cpu()
+        n = self.host_position.numel()
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+            raise ValueError(f"crd: dataset rows must lie in [0, {n}), got {int(rows.min())}..{int(rows.max())}")
+        outside = rows[self.host_position[rows] < 0]
+        if outside.numel():
+            raise ValueError(
+                f"crd got {outside.numel()} batch row(s) outside the training rows its memory bank was built for "
+                f"(e.g. row {int(outside[0])}); build the distiller with the run's train_rows"
+            )
 
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], step: Step | None = None) -> torch.Tensor:
         if step is None:
             raise ValueError("crd needs the batch's dataset rows: pass step= to forward_train")
-        idx = self.position[step.indices.to(self.position.device)]
-        if bool((idx < 0).any()):
-            raise ValueError("crd got a batch row outside the training rows its memory bank was built for")
-        contrast = sample_negatives(idx, self.bank_labels, self.n_negatives)
+        idx = self.position[step.indices.to(self.position.device)]  # rows were checked once (check_rows)
+        contrast = self.negatives(idx)
         return self.loss(student[0].flatten(1).float(), teacher[0].flatten(1).float(), idx, contrast)
 
 

@@ -73,6 +73,90 @@ class Embed(nn.Module):
 # ----------------------------------------------------------------------------- negatives
 
 
+class NegativeSampler(nn.Module):
+    """contrast_idx (B, 1 + n_negatives) for a batch of bank positions: column 0 the positive,
+    then n_negatives positions. Mode "exact" (RepDistiller's default): the positive is the
+    sample's own position `idx`.
+
+    - `labels` given (the class of every bank row, (N,)): each row's negatives come from the rows
+      of *other* classes, without replacement unless n_negatives exceeds that pool (RepDistiller
+      `CIFAR100InstanceSample.__getitem__`: np.random.choice(cls_negative[target], k,
+      replace=k > len(cls_negative[target]))).
+    - `labels` None: uniform over all `n_data` positions with replacement, the positive included
+      (RepDistiller `ContrastMemory.forward` with idx=None: AliasMethod over uniform unigrams).
+
+    A draw reads nothing back to the host (issue 19: a host read per step drains a GPU's queue):
+    what depends on the labels alone (class counts, which classes need replacement) is found here,
+    once, on the host. Without replacement, a row keeps the n_negatives smallest of N uniform keys
+    with its own class's keys pushed past 1 (a uniform random subset of the other classes' rows,
+    the trick torch.multinomial uses); with replacement, n_negatives uniform picks from that pool
+    (the rows sorted by class: the pool of class c is that order with c's block cut out). The
+    reference draws per sample in the dataset's __getitem__; here per batch, the same law.
+
+    Its tensors are non-persistent buffers: they move with the module and stay out of checkpoints.
+    `idx` must lie in [0, N): CRDTerm.check_rows checks a run's rows once, on the host.
+    """
+
+    def __init__(self, labels: torch.Tensor | None, n_negatives: int, *, n_data: int | None = None) -> None:
+        super().__init__()
+        if n_negatives < 1:
+            raise ConfigError(
+                f"CRD needs at least 1 negative per sample, got n_negatives={n_negatives}; "
+                f"use {CRD_N_NEGATIVES} (RepDistiller --nce_k)"
+            )
+        if labels is not None:
+            labels = labels.reshape(-1).long().cpu()
+            if n_data is not None and n_data != labels.numel():
+                raise ValueError(f"n_data={n_data} but {labels.numel()} labels")
+            n_data = labels.numel()
+        if n_data is None:
+            raise ValueError("NegativeSampler needs labels or n_data")
+        self.n_negatives, self.n_data = int(n_negatives), int(n_data)
+        self.by_class = labels is not None
+        # which draws a batch may need: decided on the host from the labels, never per batch
+        self.without_replacement = self.with_replacement = False
+        if labels is not None:
+            counts = torch.bincount(labels)
+            present = (counts > 0).nonzero().squeeze(1)
+            if present.numel() < 2:
+                raise ConfigError(
+                    f"CRD draws negatives from other classes, but every training sample has class {int(present[0])}; "
+                    "use a dataset with at least two classes"
+                )
+            pool = self.n_data - counts  # rows of other classes, per class
+            replace = self.n_negatives > pool
+            self.without_replacement = bool((~replace[present]).any())
+            self.with_replacement = bool(replace[present].any())
+            self.register_buffer("labels", labels, persistent=False)
+            self.register_buffer("pool", pool, persistent=False)
+            self.register_buffer("replace", replace, persistent=False)
+            self.register_buffer("by_label", torch.argsort(labels, stable=True), persistent=False)  # rows sorted by class
+            self.register_buffer("start", torch.cumsum(counts, 0) - counts, persistent=False)  # each class's block there
+            self.register_buffer("count", counts, persistent=False)
+
+    def forward(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        idx = idx.reshape(-1).long()
+        batch, k, device = idx.numel(), self.n_negatives, idx.device
+        if not self.by_class:
+            negatives = torch.randint(self.n_data, (batch, k), generator=generator, device=device)
+            return torch.cat([idx[:, None], negatives], dim=1)
+        anchor = self.labels[idx]  # (B,) each row's class
+        negatives = None
+        if self.without_replacement:
+            keys = torch.rand(batch, self.n_data, generator=generator, device=device)
+            keys.masked_fill_(self.labels[None, :] == anchor[:, None], 2.0)  # never among the k smallest: k <= the pool
+            negatives = keys.topk(k, dim=1, largest=False).indices
+        if self.with_replacement:
+            # j uniform in [0, pool of the row's class); past its class's block it skips that block
+            pool = self.pool[anchor][:, None]
+            # min(): float32 rounding can carry rand * pool up to pool itself
+            j = torch.minimum((torch.rand(batch, k, generator=generator, device=device) * pool).long(), pool - 1)
+            start, count = self.start[anchor][:, None], self.count[anchor][:, None]
+            replaced = self.by_label[j + count * (j >= start)]
+            negatives = replaced if negatives is None else torch.where(self.replace[anchor][:, None], replaced, negatives)
+        return torch.cat([idx[:, None], negatives], dim=1)
+
+
 def sample_negatives(
     idx: torch.Tensor,
     labels: torch.Tensor | None,
@@ -81,55 +165,10 @@ def sample_negatives(
     *,
     n_data: int | None = None,
 ) -> torch.Tensor:
-    """contrast_idx (B, 1 + n_negatives): column 0 the positive, then n_negatives dataset indices.
-
-    Mode "exact" (RepDistiller's default): the positive is the sample's own index `idx`.
-
-    - `labels` given (the class of every training sample, (N,)): each row's negatives come from
-      the samples of *other* classes, without replacement unless n_negatives exceeds that pool
-      (RepDistiller `CIFAR100InstanceSample.__getitem__`: np.random.choice(cls_negative[target],
-      k, replace=k > len(cls_negative[target]))).
-    - `labels` None: uniform over all `n_data` indices with replacement, the positive included
-      (RepDistiller `ContrastMemory.forward` with idx=None: AliasMethod over uniform unigrams).
-
-    Runs wherever `idx` lives, with `generator` (on that device) for reproducible draws. The
-    reference draws per sample in the dataset's __getitem__; here per batch, the same law.
-    """
-    if n_negatives < 1:
-        raise ConfigError(
-            f"CRD needs at least 1 negative per sample, got n_negatives={n_negatives}; "
-            f"use {CRD_N_NEGATIVES} (RepDistiller --nce_k)"
-        )
-    idx = idx.reshape(-1).long()
-    if labels is not None:
-        labels = labels.reshape(-1).to(idx.device)
-        if n_data is not None and n_data != labels.numel():
-            raise ValueError(f"n_data={n_data} but {labels.numel()} labels")
-        n_data = labels.numel()
-    if n_data is None:
-        raise ValueError("sample_negatives needs labels or n_data")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_data):
-        raise ValueError(f"dataset indices must lie in [0, {n_data}), got {int(idx.min())}..{int(idx.max())}")
-    batch = idx.numel()
-    if labels is None:
-        negatives = torch.randint(n_data, (batch, n_negatives), generator=generator, device=idx.device)
-        return torch.cat([idx[:, None], negatives], dim=1)
-
-    out = torch.empty(batch, 1 + n_negatives, dtype=torch.long, device=idx.device)
-    out[:, 0] = idx
-    anchor_class = labels[idx]
-    for c in torch.unique(anchor_class).tolist():
-        rows = (anchor_class == c).nonzero().squeeze(1)
-        pool = (labels != c).nonzero().squeeze(1)
-        if pool.numel() == 0:
-            raise ConfigError(
-                f"CRD draws negatives from other classes, but every training sample has class {c}; "
-                "use a dataset with at least two classes"
-            )
-        weights = torch.ones(rows.numel(), pool.numel(), device=idx.device)
-        picks = torch.multinomial(weights, n_negatives, replacement=n_negatives > pool.numel(), generator=generator)
-        out[rows, 1:] = pool[picks]
-    return out
+    """One batch's contrast_idx from a NegativeSampler built for it (see there). A training run
+    builds its sampler once (CRDTerm); this is for one-off draws."""
+    sampler = NegativeSampler(labels, n_negatives, n_data=n_data).to(idx.device)
+    return sampler(idx, generator)
 
 
 # ----------------------------------------------------------------------------- NCE loss
@@ -235,9 +274,9 @@ class ContrastMemory(nn.Module):
             out_s = self._scores(e_s, self.memory_teacher, contrast_idx)
             out_t = self._scores(e_t, self.memory_student, contrast_idx)
             with torch.no_grad():
-                for k, out in enumerate((out_s, out_t)):
-                    if self.z[k] < 0:
-                        self.z[k] = out.mean() * self.n_data
+                # set once, at the first batch: where(), not `if z < 0`, which is a host read per step
+                first = torch.stack([out_s.mean(), out_t.mean()]) * self.n_data
+                self.z.copy_(torch.where(self.z < 0, first, self.z))
             out_s, out_t = out_s / self.z[0], out_t / self.z[1]
             self.update(e_s, e_t, idx)
         return out_s, out_t

@@ -20,7 +20,10 @@ so when the loop then measures the free memory for the images, the features' byt
 gone from it and the images still fit whenever they were counted.
 
 The batch order is the loop's (`epoch_batches`); both ways hand the step exactly the rows of
-its batch, so a run's metrics do not depend on which one was used (tests/test_inputs.py).
+its batch, so a run's metrics do not depend on which one was used (tests/test_inputs.py). An
+image source yields (the batch's indices on the device, its images): the indices are copied to
+the device once per step, and the step's other users of them (CRD's memory bank, through
+`Step`) take that copy.
 
 A streamed dataset (common/data/stream.py: the images stay in their files) has a third way,
 common/train/streamed.py's `StreamedImages`: a DataLoader whose worker processes decode each
@@ -111,12 +114,14 @@ class ResidentImages:
             self.position = position_map(rows, images.shape[0]).to(device)
         self.device = device
 
-    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[torch.Tensor]:
+    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(indices on the device, images) of each batch; on the CPU the indices are `idx` itself."""
         for idx in batches:
             if self.position is None:
-                yield self.images[idx]
+                yield idx, self.images[idx]
             else:
-                yield self.images[self.position[idx.to(self.device, non_blocking=True)]]
+                on_device = idx.to(self.device, non_blocking=True)
+                yield on_device, self.images[self.position[on_device]]
 
 
 class Prefetcher(Generic[Rows]):
@@ -181,8 +186,13 @@ class PrefetchedImages(Prefetcher[torch.Tensor]):
     skipped = 0
 
     def __init__(self, images: torch.Tensor, device: torch.device, depth: int = PREFETCH_DEPTH) -> None:
-        super().__init__(lambda idx: images[idx], device, depth)
+        super().__init__(lambda idx: {"rows": idx, "images": images[idx]}, device, depth)
         self.images = images
+
+    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        """(indices on the device, images) of each batch, the indices copied with the images."""
+        for batch in super().epoch(batches, epoch):
+            yield batch["rows"], batch["images"]
 
 
 ImageSource = ResidentImages | PrefetchedImages | StreamedImages

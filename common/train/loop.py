@@ -36,6 +36,7 @@ from common.data.registry import Data, augment_batch
 from common.train.distributed import SINGLE, Ranks
 from common.errors import ConfigError, TrainingError
 from common.methods.base import Step
+from common.train.compiled import compile_errors, compile_training_step
 from common.train.inputs import ImageSource, images_on_device
 from common.train.streamed import eval_batches
 from common.data.stream import FileImages, select
@@ -143,6 +144,7 @@ class _Loop:
     """Everything one training run's epochs share, set up once by `fit`."""
 
     net: nn.Module  # what a step calls: `model`, or DDP around it
+    compiled: str | None  # the torch.compile mode of `model`'s call (train.compile), None: eager
     model: nn.Module
     weights_of: nn.Module  # the part whose weights are saved
     data: Data
@@ -199,7 +201,8 @@ def fit(
     tracker = tracking.open_tracker(cfg.tracker, run_dir, desc or run_dir.name, run_config or {}) if ranks.is_main else tracking.NoTracker()
     try:
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-            row = _epoch(loop, epoch, progress)
+            with compile_errors(loop.compiled):  # torch.compile builds at the first step
+                row = _epoch(loop, epoch, progress)
             _save_checkpoint(loop, progress)
             if ranks.is_main:
                 tracker.log(tracking.epoch_scalars(row), epoch)
@@ -246,6 +249,8 @@ def _setup(
     if ranks.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
+    if hasattr(model, "check_rows"):  # a method's per-row state (CRD's bank) covers the rows: once, not per step
+        model.check_rows(rows)
     if cfg.channels_last:
         # NHWC: oneDNN (CPU) and cuDNN convolutions skip a layout conversion per call. Plain CE
         # training, 1 CPU thread (bench/bench_train_loop.py --channels-last): 1.18-1.31x the
@@ -254,11 +259,13 @@ def _setup(
         # its weight) and state dicts load into either layout. It changes float summation order,
         # so it is part of the run key.
         model.to(memory_format=torch.channels_last)
+    compiled = compile_training_step(model, cfg.compile, device, ranks.is_main)  # before DDP wraps it (torch's advice)
     net = distributed.wrap(model, ranks, device)
     groups = param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
     optimizer = make_optimizer(groups, cfg, lr)
     return _Loop(
         net=net,
+        compiled=compiled,
         model=model,
         weights_of=weights_of if weights_of is not None else model,
         data=data,
@@ -361,7 +368,8 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
     bar = tqdm(batches, desc=f"{loop.desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True, unit="batch")  # None: off when not a terminal
     # The images come from the device (resident) or a prefetching thread, always images[idx] of
     # this order, so the path never changes a number.
-    for step, (idx, raw) in enumerate(zip(bar, loop.images.epoch(batches, epoch))):
+    # `rows` is `idx` on the device, copied once per step by the image source.
+    for step, (idx, (rows, raw)) in enumerate(zip(bar, loop.images.epoch(batches, epoch))):
         x = data.normalize(raw, device)
         if cfg.augment and not loop.images.augments:  # a streamed split's workers drew it per image
             x = augment_batch(x, generator)
@@ -369,7 +377,7 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
         t_feats, t_logits = loop.teacher.batch(idx, x) if loop.teacher is not None else ({}, None)
         with _autocast(device, loop.amp):
             # every method gets the same call; `Step` carries what only some use (CRD, DKD)
-            logits, losses = loop.net(x, y, t_feats, t_logits, Step(idx.to(device, non_blocking=True), epoch))
+            logits, losses = loop.net(x, y, t_feats, t_logits, Step(rows, epoch))
         loss = sum(losses.values())
         bad.update(step + 1, loss, losses)
         loop.optimizer.zero_grad(set_to_none=True)

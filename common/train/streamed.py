@@ -75,16 +75,18 @@ class StreamedImages:
         )
         self.skipped = 0  # files replaced so far (bad_images=skip)
 
-    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[torch.Tensor]:
+    def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(indices on the device, images) of each batch, decoded in the loop's order."""
+
         def key(p: int) -> tuple[int, int | None]:
             return (p, sample_seed(self.seed, epoch, p) if self.augments else None)
 
         self.sampler.batches = [[key(p) for p in idx.tolist()] for idx in batches]
-        for images, skipped, error in self.loader:
+        for idx, (images, skipped, error) in zip(batches, self.loader):
             if error is not None:
                 raise DataError(error)
             self.skipped += skipped
-            yield images.to(self.device, non_blocking=True)
+            yield idx.to(self.device, non_blocking=True), images.to(self.device, non_blocking=True)
 
 
 
@@ -93,6 +95,6 @@ def eval_batches(images: torch.Tensor | FileImages, batches: list[torch.Tensor],
     streamed split decoded ahead by loader workers (evaluation transform), so the device does
     not wait for each batch's decode (ImageNet's 50 000 val images every epoch)."""
     if isinstance(images, FileImages):
-        yield from StreamedImages(images, device, augment=False, seed=0, persistent=False).epoch(batches)
+        yield from (batch for _, batch in StreamedImages(images, device, augment=False, seed=0, persistent=False).epoch(batches))
     else:
         yield from (images[batch] for batch in batches)
