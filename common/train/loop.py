@@ -153,6 +153,7 @@ class _Loop:
     batch_size: int  # this rank's share of the batch
     teacher: TeacherSource | None
     images: ImageSource  # the training images on the device (common/train/inputs.py)
+    labels: torch.Tensor  # every training label on the device (ImageNet's: 10 MB), gathered per step there
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
@@ -273,6 +274,7 @@ def _setup(
         rows=rows,
         batch_size=batch_size,
         teacher=teacher,
+        labels=data.train.labels.to(device),
         images=images_on_device(data.train.images, rows, device, cfg.input_path, augment=cfg.augment, seed=cfg.seed),
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg, steps),
@@ -373,7 +375,7 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
         x = data.normalize(raw, device)
         if cfg.augment and not loop.images.augments:  # a streamed split's workers drew it per image
             x = augment_batch(x, generator)
-        y = data.train.labels[idx].to(device, non_blocking=True)
+        y = loop.labels[rows]  # no host copy per step: a gather on the device by the step's indices there
         t_feats, t_logits = loop.teacher.batch(idx, x) if loop.teacher is not None else ({}, None)
         with _autocast(device, loop.amp):
             # every method gets the same call; `Step` carries what only some use (CRD, DKD)
