@@ -17,7 +17,8 @@ other test. What each checks on a device:
 - a 2-epoch `ce` and `ours` run whose accuracy is within seed noise of the CPU's (on the CPU:
   the same numbers);
 - `KD_DETERMINISTIC=1` repeating bit for bit (two processes);
-- an interrupted run resuming to the uninterrupted run's metrics.
+- an interrupted run resuming to the uninterrupted run's metrics;
+- a streamed dataset (ImageNet's layout, 2 loader workers, pinned memory) reaching the step there.
 
 The runs use learnable CIFAR-shaped data (bench/bench_profile_scale.py's generator: a blocky
 picture per class plus noise, 10 classes): on tests/fakedata.py's random pixels every run sits at
@@ -47,7 +48,7 @@ from bench.bench_profile_scale import write_cifar100
 from common import distill
 from common.cache.reader import CHECKSUM, POSITIONS, FeatureCache, layer_name, storage_order
 from common.cache.write import write_h5
-from common.config import Config, to_dict
+from common.config import Config, load_config, to_dict
 from common.data.registry import Data, load_data
 from common.layers.hooks import forward_with_features
 from common.layers.tables import layer_shapes
@@ -60,9 +61,11 @@ from common.quality import stream as stream_mod
 from common.quality.formulas import layer_stats
 from common.quality.stream import device_peak, flat_dim, stream_layer_stats
 from common.runtime import DETERMINISTIC_ENV
-from common.train import teacher_source
+from common.train import streamed, teacher_source
 from tests.stages import ENV, run_stage
+from tests.fakedata import make_imagenet
 from tests.test_pipeline import tiny_config
+from tests.test_stream import SIZE as STREAM_SIZE, WNIDS, stream_overrides
 
 pytestmark = pytest.mark.cuda
 
@@ -542,3 +545,30 @@ def test_losses_under_bf16_autocast_match_float32(dev, name):
         # computed in float32 from the bfloat16 inputs: the input rounding is the only error left
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, fn(*[x.float() for x in arriving]), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- a streamed dataset
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_streamed_dataset_reaches_the_step_on_the_device(dev, tmp_path, monkeypatch):
+    """ImageNet's layout decoded by 2 loader workers (pinned memory on CUDA): every batch the
+    step gets, indices and images, is on `dev`, and a 1-epoch kd run with the live teacher ends."""
+    root = tmp_path / "imagenet"
+    make_imagenet(root, WNIDS, n_train_per_class=8, n_val_per_class=2, sides=(36, 60))
+    checkpoint = tmp_path / "teacher.pth"
+    torch.manual_seed(0)
+    torch.save(create_model("tv:resnet18", num_classes=len(WNIDS), in_channels=3, image_size=STREAM_SIZE).state_dict(), checkpoint)
+    seen: set[str] = set()
+    real = streamed.StreamedImages.epoch
+
+    def epoch(self, batches, epoch=0):
+        for rows, images in real(self, batches, epoch):
+            seen.update({rows.device.type, images.device.type})
+            yield rows, images
+
+    monkeypatch.setattr(streamed.StreamedImages, "epoch", epoch)
+    overrides = stream_overrides(root, tmp_path, f"teacher.pretrained={checkpoint}", "method.name=kd", "train.epochs=1",
+                                 f"train.device={dev}", f"profile.device={dev}", f"teacher_train.device={dev}")
+    result = distill.run(load_config(None, overrides), seeds=[0])[0]
+    assert (result.dir / "done").exists() and seen == {dev}
