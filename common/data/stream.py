@@ -130,11 +130,24 @@ def train_transform(image: torch.Tensor, size: int, generator: torch.Generator) 
     return out.contiguous()
 
 
+def sample_seeds(run_seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """The augmentation seeds of images `positions` in one epoch (int64, non-negative): a function
+    of (seed, epoch, position) only, so no worker, batch split or resume changes what an image's
+    crop is. splitmix64 of position + a per-(seed, epoch) offset: vectorised (a batch at a time,
+    where a hash per image cost ImageNet's epoch seconds) and well mixed in every bit."""
+    offset = int.from_bytes(hashlib.blake2b(f"{run_seed}:{epoch}".encode(), digest_size=8).digest(), "little")
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as splitmix64 wants
+        z = np.asarray(positions, dtype=np.uint64) + np.uint64(offset)
+        z = (z + np.uint64(0x9E3779B97F4A7C15))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(1)).astype(np.int64)
+
+
 def sample_seed(run_seed: int, epoch: int, position: int) -> int:
-    """The augmentation seed of one image in one epoch: a function of (seed, epoch, position)
-    only, so no worker, batch split or resume changes what an image's crop is."""
-    digest = hashlib.blake2b(f"{run_seed}:{epoch}:{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    """`sample_seeds` of one image."""
+    return int(sample_seeds(run_seed, epoch, np.array([position]))[0])
 
 
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

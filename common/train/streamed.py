@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from common.data.stream import FileImages, sample_seed
+from common.data.stream import FileImages, sample_seeds
 from common.errors import DataError
 
 
@@ -40,13 +40,21 @@ class _Decoded(Dataset):
 
 class _EpochBatches:
     """The DataLoader's batch sampler: the loop's batches of the current epoch, set per epoch,
-    so one loader (and its persistent workers) serves every epoch in the loop's order."""
+    so one loader (and its persistent workers) serves every epoch in the loop's order.
+
+    A batch's keys (position, augmentation seed) are made when the loader asks for that batch,
+    vectorised: made up front for the whole epoch they took 133 bytes an image (160 MB for
+    ImageNet) and delayed the first batch by seconds (bench/bench_stream.py's finding)."""
 
     def __init__(self) -> None:
-        self.batches: list[list[tuple[int, int | None]]] = []
+        self.batches: list[torch.Tensor] = []
+        self.seeds: tuple[int, int] | None = None  # (run seed, epoch) when the workers augment
 
     def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
-        return iter(self.batches)
+        for idx in self.batches:
+            positions = idx.numpy()
+            seeds = sample_seeds(*self.seeds, positions).tolist() if self.seeds is not None else [None] * len(positions)
+            yield list(zip(positions.tolist(), seeds))
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -62,7 +70,7 @@ def _stack(items: list[tuple[torch.Tensor | None, int, str | None]]) -> tuple[to
 class StreamedImages:
     """Batches of a streamed split decoded by DataLoader worker processes (persistent, pinned
     memory on CUDA), `workers` of them; with `augment`, each image's RandomResizedCrop + flip is
-    drawn there from `sample_seed(seed, epoch, position)`, so the loop's own augmentation is
+    drawn there from `sample_seeds(seed, epoch, positions)`, so the loop's own augmentation is
     skipped (`augments`) and a resumed epoch decodes the same crops as an uninterrupted one."""
 
     def __init__(self, images: FileImages, device: torch.device, augment: bool, seed: int, persistent: bool = True) -> None:
@@ -78,10 +86,8 @@ class StreamedImages:
     def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(indices on the device, images) of each batch, decoded in the loop's order."""
 
-        def key(p: int) -> tuple[int, int | None]:
-            return (p, sample_seed(self.seed, epoch, p) if self.augments else None)
-
-        self.sampler.batches = [[key(p) for p in idx.tolist()] for idx in batches]
+        self.sampler.batches = batches
+        self.sampler.seeds = (self.seed, epoch) if self.augments else None
         for idx, (images, skipped, error) in zip(batches, self.loader):
             if error is not None:
                 raise DataError(error)
