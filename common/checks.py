@@ -27,11 +27,13 @@ from common.profile.teacher import build_teacher, check_names, teacher_as_is
 from common.runtime import resolve_device
 
 
-def load_data_checked(cfg: Config, data: Data | None = None) -> Data:
-    """Check everything, loading the data (unless given) in between; returns the data."""
+def load_data_checked(cfg: Config, data: Data | None = None, needs_teacher: bool = True) -> Data:
+    """Check everything, loading the data (unless given) in between; returns the data.
+    `needs_teacher` False (a stage-2 method that never reads the teacher: ce) leaves out the
+    profile's and the teacher checkpoint's checks, settings that run never uses."""
     check_config(cfg)
     data = data if data is not None else load_data(cfg.dataset)
-    check_with_data(cfg, data)
+    check_with_data(cfg, data, needs_teacher)
     return data
 
 
@@ -56,14 +58,17 @@ def check_config(cfg: Config) -> None:
         tracking.check(tracker)
 
 
-def check_with_data(cfg: Config, data: Data) -> None:
+def check_with_data(cfg: Config, data: Data, needs_teacher: bool = True) -> None:
     """What needs the data: both models build for its image size and channels, the profile
-    settings fit the teacher's layer count, the subsets fit the classes."""
+    settings fit the teacher's layer count, the subsets fit the classes (the last two, and the
+    teacher checkpoint, only where a teacher is used: `needs_teacher`)."""
     n_teacher = len(layer_infos_for(cfg.teacher, data))  # an untrained copy: cheap, and model errors show here
     layer_infos_for(cfg.student, data)
+    data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
+    if not needs_teacher:
+        return
     profile.validate(cfg, n_teacher)
     data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed)
-    data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
     per_class_a = cfg.profile.subset_size // data.num_classes
     if per_class_a < 2:
         # METHOD 6.4's intra-class statistics compare two samples of a class; with one, the

@@ -126,7 +126,8 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     each run's lock and decides skip / restart for all, every rank trains its shard, rank 0 writes.
     """
     seeds = list(seeds if seeds is not None else cfg.seeds)
-    data = load_data_checked(cfg, data)
+    # the method first: a run without a teacher (ce) does not check the profile's settings
+    data = load_data_checked(cfg, data, needs_teacher=resolve_run_method(cfg).needs_teacher)
     distributed.local_batch_size(cfg.train.batch_size, ranks)  # a batch that does not split is a config error, checked first
     device = distributed.device_for(ranks, resolve_device(cfg.train.device))
     distributed.init(ranks, device)

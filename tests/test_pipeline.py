@@ -367,3 +367,14 @@ def test_explicit_layer_lists_keep_their_order(profiled):
     teacher_layers, student_layers = distill.resolve_layer_lists(cfg2, resolve_method(cfg2.method), data)
     n_teacher = len(list_layers(cfg2, data))
     assert teacher_layers == [4, 3, n_teacher - 2, 1] and student_layers == [5, 4, 2, 1]
+
+
+def test_the_ce_baseline_does_not_check_profile_settings_it_never_uses(tmp_path):
+    """subset A of 1 image per class is refused for a method that profiles the teacher, but the
+    CE student never reads the teacher, so the same settings train it."""
+    bad_profile = ["profile.subset_size=10", "train.epochs=1"]
+    with pytest.raises(ConfigError, match="profile.subset_size=10"):
+        distill.run(tiny_config(tmp_path, "method.name=ours", *bad_profile), seeds=[0])
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("teacher.pt"))
+    (result,) = distill.run(tiny_config(tmp_path, "method.name=ce", *bad_profile), seeds=[0])
+    assert (result.dir / "done").exists()
