@@ -395,12 +395,18 @@ def main() -> None:
         report(args, results)
         failed = False
     finally:
-        if args.keep:
-            print(f"\nkept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if failed:
-                print(f"removed {tmp}; rerun with --keep to inspect the logs", file=sys.stderr)
+        leave_tmp(tmp, args.keep, failed)
+
+
+def leave_tmp(tmp: Path, keep: bool, failed: bool) -> None:
+    """A bench's temporary directory at its end: kept with --keep, else removed (saying how to
+    keep it when the run failed)."""
+    if keep:
+        print(f"\nkept {tmp}", file=sys.stderr)
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    if failed:
+        print(f"removed {tmp}; rerun with --keep to inspect the logs", file=sys.stderr)
 
 
 if __name__ == "__main__":

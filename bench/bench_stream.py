@@ -79,7 +79,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_profile_scale import Measured, measured, step_rows  # noqa: E402
+from bench.bench_profile_scale import Measured, leave_tmp, measured, step_rows  # noqa: E402
 
 MIB = 2**20
 POLL_S = 0.2
@@ -810,12 +810,7 @@ def main() -> None:
     finally:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1, default=str))
-        if args.keep:
-            print(f"\nkept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if failed:
-                print(f"removed {tmp}; rerun with --keep to inspect the logs", file=sys.stderr)
+        leave_tmp(tmp, args.keep, failed)
 
 
 if __name__ == "__main__":

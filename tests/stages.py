@@ -36,3 +36,25 @@ def one_error_line(out: subprocess.CompletedProcess) -> str:
 def temp_files(root: Path) -> list[Path]:
     """Every `*.tmp` under root: what an atomic write leaves only if it was interrupted badly."""
     return sorted(Path(root).rglob("*.tmp"))
+
+
+class Killed(KeyboardInterrupt):
+    """What an interrupt leaves: no `failed` marker, the last epoch's checkpoint kept."""
+
+
+def kill_at_evaluation(monkeypatch, n: int = 2) -> list[int]:
+    """Make the training loop's `evaluate` raise Killed at its n-th call (epoch n's evaluation,
+    after epoch n - 1's checkpoint is on disk) and pass every other call; returns the call count
+    ([calls]), which the resume tests read and may reset."""
+    import common.train.loop as train_loop  # here: this module is also used by torch-free tests
+
+    real, calls = train_loop.evaluate, [0]
+
+    def evaluate(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_loop, "evaluate", evaluate)
+    return calls

@@ -62,7 +62,7 @@ from common.quality.formulas import layer_stats
 from common.quality.stream import device_peak, flat_dim, stream_layer_stats
 from common.runtime import DETERMINISTIC_ENV
 from common.train import streamed, teacher_source
-from tests.stages import ENV, run_stage
+from tests.stages import ENV, Killed, kill_at_evaluation, run_stage
 from tests.fakedata import make_imagenet
 from tests.test_pipeline import tiny_config
 from tests.test_stream import SIZE as STREAM_SIZE, WNIDS, stream_overrides
@@ -240,10 +240,6 @@ def test_accuracy_on_the_device_is_within_noise_of_the_cpu(pipeline, cpu_referen
 # ----------------------------------------------------------------------------- resume
 
 
-class _Killed(KeyboardInterrupt):
-    """What an interrupt leaves: no `failed` marker, a checkpoint to resume from."""
-
-
 @pytest.fixture
 def deterministic(monkeypatch):
     """KD_DETERMINISTIC=1 for this test, with torch's global switches put back afterwards."""
@@ -264,17 +260,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_metrics(pipeline, determinist
     whole = run_method(cfg, "ours", seed=1)
     reference = pd.read_csv(whole / "metrics.csv")
     shutil.rmtree(whole)
-    real = train_loop.evaluate
-    calls = [0]
-
-    def killed_in_epoch_2(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 2:  # epoch 2's evaluation: epoch 1's checkpoint is on disk
-            raise _Killed
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_loop, "evaluate", killed_in_epoch_2)
-    with pytest.raises(_Killed):
+    calls = kill_at_evaluation(monkeypatch, 2)  # epoch 2's evaluation: epoch 1's checkpoint is on disk
+    with pytest.raises(Killed):
         run_method(cfg, "ours", seed=1)
     assert torch.load(whole / "checkpoint.pt", weights_only=False)["epoch"] == 1
     assert not (whole / "done").exists() and not (whole / "failed").exists()

@@ -17,7 +17,6 @@ import pytest
 import torch
 import yaml
 
-import common.train.loop as train_loop
 from common import distill
 from common.config import DatasetConfig, load_config
 from common.data.registry import load_data
@@ -29,7 +28,7 @@ from common.profile import runner as profile
 from common.profile.stats import ensure_quality
 from common.report import runner as report
 from tests.fakedata import make_imagenet
-from tests.stages import ENV, ROOT, one_error_line, run_stage
+from tests.stages import ENV, ROOT, Killed, kill_at_evaluation, one_error_line, run_stage
 
 pytestmark = pytest.mark.stages  # trains and profiles in-process
 
@@ -213,26 +212,14 @@ def test_stage_1_2_3_end_to_end_with_a_torchvision_teacher_as_it_is(imagenet, as
     assert set(out["accuracy"]["method"]) >= {"ours", "kd", "teacher"}
 
 
-class _Killed(KeyboardInterrupt):
-    """An interrupt: no `failed` marker, the last epoch's checkpoint kept."""
-
-
 def test_a_run_resumed_with_loader_workers_ends_with_the_uninterrupted_metrics(imagenet, as_is_teacher, tmp_path, monkeypatch):
     """Augmentation drawn in two worker processes; the run is stopped in epoch 2 and rerun."""
     cfg = load_config(None, stream_overrides(imagenet, tmp_path, f"teacher.pretrained={as_is_teacher}", "method.name=kd"))
     whole = distill.run(cfg, seeds=[0])[0].dir
     reference = pd.read_csv(whole / "metrics.csv")
     shutil.rmtree(whole)
-    real, calls = train_loop.evaluate, [0]
-
-    def killed_in_epoch_2(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 2:  # epoch 2's test evaluation: epoch 1's checkpoint is on disk
-            raise _Killed
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_loop, "evaluate", killed_in_epoch_2)
-    with pytest.raises(_Killed):
+    calls = kill_at_evaluation(monkeypatch, 2)  # epoch 2's test evaluation: epoch 1's checkpoint is on disk
+    with pytest.raises(Killed):
         distill.run(cfg, seeds=[0])
     assert torch.load(whole / "checkpoint.pt", weights_only=False)["epoch"] == 1
     distill.run(cfg, seeds=[0])
