@@ -8,7 +8,7 @@ Each check lives where its subject does; this module only runs them in order, ch
 path), the model, dataset and method names (`common.profile.teacher.check_names`, the registries), the
 devices, `common.data.registry.load_data` (data errors), then the layer counts of an untrained teacher
 and student, `common.profile.runner.validate`, the training and analysis subsets, and whether a teacher
-checkpoint is fine-tuned or used as it is (`common.profile.teacher.teacher_as_is`). Stage 2's layer
+checkpoint is fine-tuned or used as it is (`common.models.as_is.teacher_as_is`). Stage 2's layer
 pairing is checked by `common.distill.check_layer_lists`, before the profile is read or built.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from common.data.registry import DATASETS, Data, load_data
 from common.errors import ConfigError
 from common.layers.tables import layer_infos_for
 from common.profile.stats import q_subsets
-from common.profile.teacher import build_teacher, check_names, teacher_as_is
+from common.models.as_is import teacher_as_is
+from common.profile.teacher import build_teacher, check_names
 from common.runtime import resolve_device
 
 

@@ -69,7 +69,7 @@ class TeacherConfig(ModelConfig):
     # profiled, distilled from: a published teacher, as the CRD / DKD tables use them); any other
     # checkpoint (an ImageNet one on CIFAR) is fine-tuned for teacher_train.epochs. true: always
     # trained; false: used as it is, an error when the classes differ or no checkpoint is given.
-    # Decided in common.profile.teacher.teacher_as_is.
+    # Decided in common.models.as_is.teacher_as_is.
     finetune: Union[bool, str] = "auto"
 
 

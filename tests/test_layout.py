@@ -61,6 +61,8 @@ def _imported_modules(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
+            if node.module == "common":  # `from common import profile` imports the package common.profile
+                names.update(f"common.{a.name}" for a in node.names)
     return names
 
 
@@ -68,6 +70,18 @@ def _imported_modules(path: Path) -> set[str]:
 def test_no_module_under_common_imports_a_stage_script(path: Path) -> None:
     # Data flows one way: the stage scripts call common/, never the reverse.
     assert not _imported_modules(path) & STAGE_SCRIPTS
+
+
+STAGE_PACKAGES = ("profile", "train", "report", "study", "export")
+
+
+@pytest.mark.parametrize("path", sorted((COMMON / "artifacts").glob("*.py")), ids=_rel)
+def test_the_artifacts_layout_imports_no_stage_package(path: Path) -> None:
+    # The tree's layout sits below the stages that fill it: a stage imports the layout, never the
+    # reverse (also inside a function), so no import loop runs through it.
+    stages = {f"common.{name}" for name in STAGE_PACKAGES}
+    found = {m for m in _imported_modules(path) if m in stages or m.startswith(tuple(f"{s}." for s in stages))}
+    assert not found, f"{_rel(path)} imports the stage package(s) {sorted(found)}"
 
 
 def test_every_import_of_common_names_an_existing_module() -> None:

@@ -1,4 +1,4 @@
-"""A public checkpoint as the teacher, as it is (`teacher.finetune`, common.profile.teacher.teacher_as_is).
+"""A public checkpoint as the teacher, as it is (`teacher.finetune`, common.models.as_is.teacher_as_is).
 
 A `cifar:` zoo file in the published layout, `{"model": state_dict, ...}`, for the dataset's
 classes is evaluated, profiled and distilled from without a training epoch; `finetune=true`
@@ -26,7 +26,8 @@ from common.files import sha256_file
 from common.models import create_model
 from common.profile import runner as profile
 from common.profile import teacher as teacher_module
-from common.profile.teacher import WEIGHTS, ensure_teacher, teacher_as_is
+from common.models.as_is import teacher_as_is
+from common.profile.teacher import WEIGHTS, ensure_teacher
 from tests.fakedata import make_cifar10, make_fashion_mnist
 
 

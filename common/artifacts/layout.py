@@ -120,14 +120,14 @@ def teacher_key(cfg: Config, data: Data) -> dict[str, Any]:
     """A trained teacher: the dataset, the model (a checkpoint by file name) and its training
     settings, the key every teacher had before checkpoints could be used as they are (kept, so
     those directories are found again). A checkpoint used as it is
-    (`common.profile.teacher.teacher_as_is`) is keyed by the dataset and the file's content
+    (`common.models.as_is.teacher_as_is`) is keyed by the dataset and the file's content
     instead: nothing is trained, so no training setting changes it, and the published files all
     share one name (ckpt_epoch_240.pth)."""
     t = cfg.teacher
     pretrained = Path(t.pretrained).name if t.pretrained else None
     model = {"name": t.name, "width": t.width, "pretrained": pretrained}
     if t.pretrained is not None:
-        from common.profile.teacher import teacher_as_is  # here: it needs torch, and it imports this module
+        from common.models.as_is import teacher_as_is  # here: it needs torch, which stage 3 never imports
 
         if teacher_as_is(cfg, data):
             return {"dataset": dataset_key(cfg, data), "model": {**model, "as_is": True, "sha256": _file_sha256(t.pretrained)}}

@@ -217,7 +217,7 @@ def load_vit(model: nn.Module, path: str) -> None:
 
 # The loaders above rebuild the stem and the head for CIFAR-sized inputs (METHOD 3.1, 3.2, 3.4)
 # whatever the file holds, so a model they load is never the checkpoint as it is: such a teacher
-# is always fine-tuned (common.profile.teacher.teacher_as_is).
+# is always fine-tuned (common.models.as_is.teacher_as_is).
 ADAPTING_LOADERS = (load_resnet, load_vgg, load_vit)
 
 
