@@ -113,7 +113,7 @@ def epoch_table(cfg: Config, data: Data, variants: dict[str, dict[str, str]], re
             variant = variants[name]
             with tempfile.TemporaryDirectory() as tmp:
                 # The student run goes to `tmp`; the teacher directory is linked in unchanged.
-                link = Path(tmp) / cfg.dataset.name / artifacts.teacher_id(cfg, data)
+                link = Path(tmp) / cfg.dataset.name / artifacts.teacher_dir(cfg, data).name
                 link.parent.mkdir(parents=True)
                 os.symlink(artifacts.teacher_dir(cfg, data).resolve(), link)
                 run_cfg = dataclasses.replace(

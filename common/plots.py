@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from common.artifacts.discovery import find_profiles, finished_runs, read_metrics, read_yaml_dict
+from common.artifacts.layout import model_name_of
 from common.files import atomic_write
 from common.report.text import pair_label
 
@@ -119,7 +120,7 @@ def plot_all_profiles(artifacts: Path, out_dir: Path, *, datasets: Iterable[str]
         if selected is None and "selected" in quality:
             flags = quality["selected"].astype(str).str.lower().isin(["true", "1"])
             selected = quality.loc[flags, "layer"].tolist()
-        dataset, teacher_id = profile.parent.parent.name, profile.parent.name
+        dataset, teacher_id = profile.parent.parent.name, model_name_of(profile.parent.name)
         title = f"{teacher_id} on {dataset}"
         if selection.get("criterion") is not None:
             title += f" (top-{selection.get('k')} by {selection['criterion']})"

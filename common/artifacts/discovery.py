@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from common.artifacts import layout as artifacts
-from common.artifacts.layout import PAIR_SEP, VariantDir, iter_teachers, iter_variants, pair_name
+from common.artifacts.layout import PAIR_SEP, VariantDir, iter_teachers, iter_variants, model_name_of, pair_name
 from common.errors import ConfigError
 from common.files import lock_held
 
@@ -59,14 +59,15 @@ PAIRS_HELP = ("only these teacher->student pairs: teacher__student, or teacher:s
 
 
 def pair_dir_name(text: str) -> str:
-    """A pair as the user writes it -> its directory name '<teacher>__<student>'.
+    """A pair as the user writes it -> its name '<teacher>__<student>' (model names with ':', as
+    `VariantDir.pair` gives them; the directory writes ':' as '--', `layout.dir_name`).
 
     'teacher__student' (the directory name itself) and 'teacher->student' are always read;
     'teacher:student' only when exactly one ':' is left after the library prefixes of model
     names ('tv:' / 'timm:' starting either name), so 'tv:resnet18:timm:convnext_atto' reads as
     tv:resnet18 -> timm:convnext_atto. Anything else is a ConfigError naming the fix.
     """
-    text = text.strip()
+    text = model_name_of(text.strip())  # the directory's own spelling, tv--resnet18, reads too
     for sep in (PAIR_SEP, ARROW):
         if sep in text:
             teacher, _, student = text.partition(sep)

@@ -11,6 +11,14 @@
 This module builds these paths and reads them back (`iter_variants`, `iter_teachers`): the
 layout has this one home.
 
+Directory names hold no ':' (`scp`, `rsync` and `tar` read it as a host separator; Windows and
+some object stores refuse it): a model name's ':' (`tv:resnet18`, `cifar:resnet8x4`) is written
+`--` on disk (`dir_name`, as Hugging Face's cache writes a repo id's '/'), and read back as ':'
+(`model_name_of`), so run keys, hashes, `teacher_id` and everything a stage records keep the
+model's own name. A tree made before (with ':' in its names) is still found: `teacher_dir` and
+`pair_dir` use a directory of the old name where only that one exists, and reading the tree
+back gives the same names for both spellings.
+
 Each hash covers exactly the resolved settings that change the artifact (not the device, the
 progress bar or the data root), so two runs that differ in anything but the seed never share a
 directory, and a rerun with the same settings finds its finished work. Keys follow dependencies:
@@ -152,11 +160,38 @@ def _sha256_of(path: str, mtime_ns: int, size: int) -> str:
 
 
 def teacher_id(cfg: Config, data: Data) -> str:
+    """'<teacher name>-<thash>': the teacher's identity in run keys and records (with the model
+    name's ':'); its directory's name is `dir_name` of it."""
     return f"{cfg.teacher.name}-{short_hash(teacher_key(cfg, data))}"
 
 
 def teacher_dir(cfg: Config, data: Data) -> Path:
-    return Path(cfg.artifacts) / cfg.dataset.name / teacher_id(cfg, data)
+    return existing_dir(Path(cfg.artifacts) / cfg.dataset.name, teacher_id(cfg, data))
+
+
+NAME_COLON = "--"  # what a model name's ':' becomes in a directory name (model names never hold '--')
+
+
+def dir_name(name: str) -> str:
+    """A teacher id or pair name as a portable directory name: 'tv:resnet18-1a2b3c4d' ->
+    'tv--resnet18-1a2b3c4d'."""
+    return name.replace(":", NAME_COLON)
+
+
+def model_name_of(directory_name: str) -> str:
+    """The inverse of `dir_name`; a name from a tree made before (with ':') is returned as it is."""
+    return directory_name.replace(NAME_COLON, ":")
+
+
+def existing_dir(parent: Path, name: str) -> Path:
+    """parent/`dir_name(name)`, or parent/name where only that exists: a directory made before
+    names were portable, used where it is (nothing is moved: a process of the previous version may
+    still be writing into it), so its finished work is found and never redone."""
+    portable = parent / dir_name(name)
+    legacy = parent / name
+    if legacy != portable and not portable.exists() and legacy.is_dir():
+        return legacy
+    return portable
 
 
 def quality_key(cfg: Config) -> dict[str, Any]:
@@ -210,7 +245,7 @@ def pair_name(teacher: str, student: str) -> str:
 
 
 def pair_dir(cfg: Config) -> Path:
-    return Path(cfg.artifacts) / cfg.dataset.name / pair_name(cfg.teacher.name, cfg.student.name)
+    return existing_dir(Path(cfg.artifacts) / cfg.dataset.name, pair_name(cfg.teacher.name, cfg.student.name))
 
 
 def run_hash(cfg: Config, data: Data, method: dict[str, Any], teacher: dict[str, Any] | None) -> str:
@@ -226,7 +261,8 @@ def run_dir(cfg: Config, data: Data, method: dict[str, Any], teacher: dict[str, 
 
 @dataclass(frozen=True)
 class VariantDir:
-    """<artifacts>/<dataset>/<teacher>__<student>/<method>-<hash>/: one run config, all its seeds."""
+    """<artifacts>/<dataset>/<teacher>__<student>/<method>-<hash>/: one run config, all its seeds.
+    `teacher` and `student` are model names (with ':'), whichever way the directory spells them."""
 
     dataset: str
     teacher: str
@@ -251,7 +287,8 @@ class VariantDir:
 
 @dataclass(frozen=True)
 class TeacherDir:
-    """<artifacts>/<dataset>/<teacher>-<hash>/."""
+    """<artifacts>/<dataset>/<teacher>-<hash>/; `teacher` and `teacher_id` with the model name's ':'
+    (`teacher_id` as runs record it), `dir` as it is on disk."""
 
     dataset: str
     teacher: str
@@ -279,7 +316,7 @@ def iter_variants(root: str | Path) -> Iterator[VariantDir]:
     """Every run-config directory under the artifacts `root`, sorted by dataset, pair, name."""
     for ds_dir in _subdirs(Path(root)):
         for pair in _subdirs(ds_dir):
-            names = split_pair(pair.name)
+            names = split_pair(model_name_of(pair.name))
             if names is None:
                 continue
             for variant in _subdirs(pair):
@@ -293,8 +330,9 @@ def iter_teachers(root: str | Path) -> Iterator[TeacherDir]:
         for tdir in _subdirs(ds_dir):
             if split_pair(tdir.name) is not None or not ((tdir / "metrics.csv").is_file() or (tdir / CONFIG).is_file()):
                 continue
-            teacher, digest = split_hashed(tdir.name)
-            yield TeacherDir(ds_dir.name, teacher, tdir.name, digest, tdir)
+            name = model_name_of(tdir.name)
+            teacher, digest = split_hashed(name)
+            yield TeacherDir(ds_dir.name, teacher, name, digest, tdir)
 
 
 def _subdirs(path: Path) -> list[Path]:

@@ -28,7 +28,7 @@ import pandas as pd
 import yaml
 
 from common.artifacts import layout as artifacts
-from common.artifacts.layout import pair_name, teacher_dir
+from common.artifacts.layout import dir_name, pair_name, teacher_dir
 from common.config import CRITERIA, Config
 from common.artifacts.discovery import find_runs, read_metrics, run_summary
 from common.files import atomic_write, atomic_write_text
@@ -219,7 +219,7 @@ def mismatches(runs: pd.DataFrame) -> list[str]:
 
 
 def default_out(cfg: Config) -> Path:
-    return Path(cfg.artifacts) / "reports" / "layer_study" / cfg.dataset.name / pair_name(cfg.teacher.name, cfg.student.name)
+    return Path(cfg.artifacts) / "reports" / "layer_study" / cfg.dataset.name / dir_name(pair_name(cfg.teacher.name, cfg.student.name))
 
 
 def run(cfg: Config, out_dir: Path | None = None, *, data: Any = None, n_boot: int = N_BOOTSTRAP, boot_seed: int = 0,
