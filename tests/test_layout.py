@@ -25,12 +25,12 @@ PACKAGES = {
     "export": {"__main__", "runner", "files", "record", "latency"},
     "layers": {"hooks", "tables"},
     "profile": {"runner", "teacher", "stats", "manifest", "features"},
-    "quality": {"formulas", "stream"},
+    "quality": {"formulas", "stream", "table"},
     "report": {"runner", "stats", "tables", "text", "page", "exports", "published"},
     "study": {"__main__", "runner", "plan", "stats", "text"},
     "train": {"loop", "recipes", "distributed", "tracking", "teacher_source", "inputs", "streamed", "compiled"},
 }
-TOP_MODULES = {"checks", "cli", "config", "distill", "errors", "files", "method_spec", "plots", "registry", "runtime"}
+TOP_MODULES = {"alias", "checks", "cli", "config", "distill", "errors", "files", "method_spec", "plots", "registry", "runtime"}
 
 
 def _rel(path: Path) -> str:

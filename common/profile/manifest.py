@@ -27,6 +27,7 @@ from common.plots import plot_quality
 from common.profile.features import rebuild_hint
 from common.profile.stats import stats_meta
 from common.quality.formulas import select_layers
+from common.quality.table import top_k_by_criterion, undefined_criteria
 
 log = logging.getLogger("kd")
 
@@ -81,13 +82,7 @@ def select_teacher_layers(cfg: Config, stats: pd.DataFrame) -> tuple[pd.DataFram
     """Top-k by every criterion (the paper's ablations) and the configured selection (METHOD 0.4):
     (quality table with `selected` and `undefined` columns, top-k per criterion, selection, how)."""
     k = cfg.profile.k
-    top_k: dict[str, Any] = {"k": k}
-    for criterion in CRITERIA:
-        scores = dict(zip(stats["layer"].astype(int), stats[criterion].astype(float)))
-        try:
-            top_k[criterion] = select_layers(scores, k)
-        except (ConfigError, DataError):  # too few finite scores for this criterion
-            top_k[criterion] = None
+    top_k = top_k_by_criterion(stats, k)
     if cfg.profile.layers:
         selected = sorted(resolve_layers(cfg.profile.layers, len(stats), "profile.layers entry"))
         how = "explicit"
@@ -98,18 +93,11 @@ def select_teacher_layers(cfg: Config, stats: pd.DataFrame) -> tuple[pd.DataFram
         how = f"top-{k} by {cfg.profile.criterion}"
     quality = stats.copy()
     quality["selected"] = quality["layer"].isin(selected)
-    quality["undefined"] = _undefined(stats)
+    quality["undefined"] = undefined_criteria(stats)
     for layer, names in zip(quality["layer"], quality["undefined"]):
         if names:
             log.info("profile: layer %d has no finite %s (zero or non-finite features); never selected by them", layer, names)
     return quality, top_k, selected, how
-
-
-def _undefined(stats: pd.DataFrame) -> list[str]:
-    """Per layer, the criteria that are NaN or infinite there ("S I Q"; "" when all are defined):
-    quality.csv's marker for the scores `select_layers` skips."""
-    bad = ~stats[list(CRITERIA)].astype(float).abs().lt(float("inf"))  # NaN < inf is False too
-    return [" ".join(c for c in CRITERIA if row[c]) for _, row in bad.iterrows()]
 
 
 def write_selection(cfg: Config, pdir: Path, quality: pd.DataFrame, selected: list[int], how: str) -> None:

@@ -2,6 +2,7 @@
 
     formulas        S, I, E and Q as pure functions of features and labels; `layer_quality` is the entry point for one layer
     stream          the same statistics accumulated batch by batch under a memory budget (stage 1 at dataset scale)
+    table           `quality_table`: the S/I/E/Q table and top-k of any model's layers, from Python (stage 1's streaming)
 
 `common.quality` keeps the import path of the former module common/quality.py: its public names
 are those of `common.quality.formulas`, loaded on first use (PEP 562), so that importing one
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
         layer_quality,
         select_layers,
     )
+    from common.quality.table import quality_table  # noqa: F401
 
 __all__ = [
     "MAX_DIMENSION",
@@ -65,10 +67,13 @@ __all__ = [
     "statistics_to_quality",
     "layer_quality",
     "select_layers",
+    "quality_table",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "quality_table":
+        return importlib.import_module("common.quality.table").quality_table
     if name in __all__:
         return getattr(importlib.import_module("common.quality.formulas"), name)
     raise AttributeError(f"module 'common.quality' has no attribute {name!r}")
