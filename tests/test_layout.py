@@ -24,7 +24,7 @@ PACKAGES = {
     "data": {"registry", "formats", "stream"},
     "export": {"__main__", "runner", "files", "record", "latency"},
     "layers": {"hooks", "tables"},
-    "profile": {"runner", "teacher", "stats", "manifest", "features"},
+    "profile": {"runner", "teacher", "stats", "manifest", "features", "forward_hooks"},
     "quality": {"formulas", "stream", "table"},
     "report": {"runner", "stats", "tables", "text", "page", "exports", "published"},
     "study": {"__main__", "runner", "plan", "stats", "text"},

@@ -31,7 +31,7 @@ def stage1(tmp_path_factory):
     result = profile.run(cfg, data)
     teacher, _ = load_teacher(cfg, data, torch.device("cpu"))
     assert torch.equal(data.train_indices, torch.arange(len(data.train.labels)))  # the pool is the whole split
-    return result, teacher, data
+    return result, teacher, data, cfg
 
 
 def _same_as_stage1(table: pd.DataFrame, quality_csv: pd.DataFrame) -> None:
@@ -42,7 +42,7 @@ def _same_as_stage1(table: pd.DataFrame, quality_csv: pd.DataFrame) -> None:
 
 
 def test_the_table_from_tensors_equals_stage1s_quality_csv(stage1):
-    result, teacher, data = stage1
+    result, teacher, data, cfg = stage1
     images = data.normalize(data.train.images)
     table = quality_table(teacher, images, data.train.labels, num_classes=data.num_classes, **SETTINGS)
     _same_as_stage1(table, pd.read_csv(result.dir / "quality.csv"))
@@ -52,7 +52,7 @@ def test_the_table_from_tensors_equals_stage1s_quality_csv(stage1):
 
 
 def test_a_shuffled_dataloader_gives_the_same_table(stage1):
-    result, teacher, data = stage1
+    result, teacher, data, cfg = stage1
     dataset = TensorDataset(data.normalize(data.train.images), data.train.labels)
     loader = DataLoader(dataset, batch_size=7, shuffle=True)  # read by index: the order does not matter
     teacher.train()
@@ -63,7 +63,7 @@ def test_a_shuffled_dataloader_gives_the_same_table(stage1):
 
 
 def test_bad_input_is_one_clear_error(stage1):
-    _, teacher, data = stage1
+    _, teacher, data, _ = stage1
     images = data.normalize(data.train.images[:40])
     with pytest.raises(DataError, match="labels must lie in"):
         quality_table(teacher, images, data.train.labels[:40] + 10, num_classes=10, subset_size=20, per_class_cap=2)
@@ -96,3 +96,25 @@ print(json.dumps([common.MARK, len(table), int(table.selected.sum()), sorted(m f
     assert out.returncode == 0, out.stderr
     mark, n_layers, n_selected, loaded = json.loads(out.stdout.splitlines()[-1])
     assert (mark, n_selected, loaded) == ("theirs", 2, ["common"]) and n_layers > 2
+
+
+def test_stage1_writes_the_selection_as_torchdistill_forward_hooks(stage1):
+    import yaml
+    from common.layers.hooks import extract
+    from common.layers.tables import layer_infos_for
+    from common.models import MODELS
+    from tests.test_forward_hooks import torchdistill_outputs
+
+    result, teacher, data, cfg = stage1
+    hooks = yaml.safe_load((result.dir / "torchdistill_resnet9.yaml").read_text())
+    quality = pd.read_csv(result.dir / "quality.csv")
+    teacher_paths = hooks["teacher"]["forward_hook"]["output"]
+    assert teacher_paths == list(quality.loc[quality.selected, "module"]) and hooks["teacher"]["forward_hook"]["input"] == []
+    student_layers = list(MODELS.get("resnet9").baseline_layers)
+    student_infos = layer_infos_for(cfg.student, data)
+    assert hooks["student"]["forward_hook"]["output"] == [student_infos[i].path for i in student_layers]
+    assert hooks["generalized_layers"] == {"teacher": result.selected, "student": student_layers}
+    x = data.normalize(data.train.images[:4])
+    ours = extract(teacher, x, result.selected)
+    theirs = torchdistill_outputs(teacher, teacher_paths, x)
+    assert all(torch.equal(theirs[path], ours[i]) for path, i in zip(teacher_paths, result.selected))

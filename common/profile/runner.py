@@ -9,7 +9,8 @@ Steps, each skipped when its artifact is already valid, each keyed by what it de
                                             profile.keep_activations is set
     <teacher dir>/profile-<phash>/          the selection (keyed by the subsets plus k, criterion
                                             and an explicit list): profile.yaml (the manifest
-                                            stage 2 reads), quality.csv, quality.png, selection.yaml
+                                            stage 2 reads), quality.csv, quality.png, selection.yaml,
+                                            torchdistill_<student>.yaml (forward hooks, per student)
     <teacher dir>/features-<dtype>.h5       teacher outputs for the students' training rows
 
 1. train the teacher unless finished;
@@ -46,6 +47,7 @@ from common.layers.tables import layer_infos_for
 from common.layers.hooks import resolve_layers
 from common.models import MODELS
 from common.profile.features import ensure_features_with, wants_cache
+from common.profile.forward_hooks import hook_file, write_forward_hooks
 from common.profile.manifest import Manifest, load_manifest, select_teacher_layers, write_manifest, write_selection
 from common.profile.stats import ensure_quality, log_step
 from common.profile.teacher import ensure_teacher, load_teacher
@@ -102,6 +104,8 @@ def run(cfg: Config, data: Data | None = None) -> Profile:
             log.info("profile: selection %s (%s) is up to date", selected, how)
         else:
             write_selection(cfg, pdir, quality, selected, how)
+        if previous is None or previous.selected != selected or not hook_file(pdir, cfg.student.name).exists():
+            write_forward_hooks(cfg, data, pdir, selected, how)
         needed = sorted(set(selected) | set(MODELS.get(cfg.teacher.name).baseline_layers))
         tic = time.perf_counter()
         rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
