@@ -390,3 +390,28 @@ def test_accuracy_md_opens_with_sentences_from_the_numbers_and_explains_ari(tmp_
     md = table_format.accuracy_markdown(acc)
     assert "81.00 ± 1.00" in md  # two seeds: the std is shown
     assert "ARI (average relative improvement)" in md and "250%" in md  # ours +5 / kd +2
+
+
+def test_the_report_says_when_qs_layers_are_out_of_reach_of_mdistillers_feats(tmp_path):
+    # mdistiller's and RepDistiller's `feats` hold only stage outputs (the baseline layers that
+    # stage 1's selection.yaml records); torchdistill's forward hooks reach every layer.
+    from common.artifacts.layout import dir_name
+
+    root = tmp_path / "artifacts"
+    pair, teacher_id = "cifar:resnet32x4__cifar:resnet8x4", "cifar:resnet32x4-t0000000"
+    for method, layers, best in (("ce", None, 70.0), ("ours", [4, 8, 15, 16], 72.0)):
+        run_dir = root / "cifar100" / dir_name(pair) / f"{method}-aaaaaaaa" / "seed0"
+        run_dir.mkdir(parents=True)
+        run = {"method": method, "seed": 0, "teacher_id": teacher_id if layers else None, "teacher_layers": layers}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 2, "seed": 0}, "seeds": [0], "run": run}))
+        pd.DataFrame({"epoch": [1, 2], "test_acc": [best - 5, best], "elapsed_s": [1.0, 2.0]}).to_csv(run_dir / "metrics.csv", index=False)
+        (run_dir / "done").write_text("ok\n")
+    profile_dir = root / "cifar100" / dir_name(teacher_id) / "profile-bbbbbbbb"
+    profile_dir.mkdir(parents=True)
+    (profile_dir / "selection.yaml").write_text(yaml.safe_dump({"layers": [4, 8, 15, 16], "baseline_layers": [5, 10, 15, 16]}))
+    text = report.run(root, tmp_path / "reports")["markdown"]["accuracy"]
+    assert "Q chose teacher layers 4, 8, 15, 16." in text
+    assert "stage outputs (layers 5, 10, 15, 16), so layers 4, 8 are out of their reach" in text
+    assert "torchdistill" in (tmp_path / "reports" / "accuracy.md").read_text()
+    (profile_dir / "selection.yaml").write_text(yaml.safe_dump({"layers": [4, 8, 15, 16], "baseline_layers": [4, 8, 15, 16]}))
+    assert "stage outputs" not in report.run(root, tmp_path / "reports")["markdown"]["accuracy"]  # all reachable: nothing said

@@ -288,3 +288,24 @@ def find_profiles(artifacts: Path, *, datasets: Iterable[str] | None = None) -> 
     want = set(datasets) if datasets is not None else None
     found = (p.parent for p in Path(artifacts).glob("*/*/profile-*/quality.csv"))
     return sorted(p for p in found if want is None or p.parent.parent.name in want)
+
+
+def stage_outputs(runs: pd.DataFrame) -> dict[tuple[str, str], list[int]]:
+    """(dataset, pair) -> the teacher's baseline layers, as stage 1's selection.yaml records them:
+    the last block of each stage, the stage outputs that mdistiller's and RepDistiller's `feats`
+    hold (the report says when Q's selection lies outside them). Read from a profile of the
+    teacher that the pair's runs name (run.teacher_id); pairs without one are left out."""
+    out: dict[tuple[str, str], list[int]] = {}
+    for row in runs.dropna(subset=["teacher_id"]).itertuples():
+        key = (row.dataset, row.pair)
+        if key in out:
+            continue
+        dataset_dir = Path(row.path).parents[2]  # seed<k> / <method>-<hash> / <pair> / <dataset>
+        teacher_dir = artifacts.existing_dir(dataset_dir, str(row.teacher_id))
+        for selection in sorted(teacher_dir.glob("profile-*/selection.yaml")):
+            layers = read_yaml_dict(selection).get("baseline_layers")
+            if isinstance(layers, list) and layers:
+                out[key] = [int(i) for i in layers]
+                break
+    return out
+

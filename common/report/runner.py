@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from common.artifacts.discovery import find_runs, find_teachers, finished_runs
+from common.artifacts.discovery import find_runs, find_teachers, finished_runs, stage_outputs
 from common.errors import DataError
 from common.report.exports import write_export_tables
 from common.plots import plot_accuracy_curves, plot_all_profiles
@@ -64,7 +64,8 @@ def run(
     unfinished = unfinished_table(runs, teachers)
     out_dir = Path(out_dir)
     headroom = headroom_table(accuracy)
-    opening = opening_sentences(accuracy, finished_runs(runs))
+    finished = finished_runs(runs)
+    opening = opening_sentences(accuracy, finished, stage_outputs(finished))
     files = write_tables(accuracy, ett, unfinished, out_dir, headroom=headroom, opening=opening)
     plots = plot_accuracy_curves(runs, out_dir / "plots", teachers=teachers)
     plots += plot_all_profiles(artifacts, out_dir / "plots", datasets=datasets)

@@ -194,10 +194,26 @@ def accuracy_markdown(table: pd.DataFrame) -> str:
     return text
 
 
-def opening_sentences(table: pd.DataFrame, runs: pd.DataFrame) -> str:
+def feats_sentence(chosen: list[str], outputs: list[int] | None) -> str:
+    """A sentence when layers Q chose (runs' '4 8 14 15' texts) are not stage outputs, the only
+    features mdistiller's and RepDistiller's `feats` give; "" otherwise."""
+    if not outputs:
+        return ""
+    outside = sorted({int(i) for c in chosen for i in c.split()} - set(outputs))
+    if not outside:
+        return ""
+    many = len(outside) != 1
+    return (f" mdistiller's and RepDistiller's `feats` hold only the teacher's stage outputs (layers {', '.join(map(str, outputs))}),"
+            f" so layer{'s' if many else ''} {', '.join(map(str, outside))} {'are' if many else 'is'} out of their reach;"
+            f" torchdistill's forward hooks reach {'them' if many else 'it'} (stage 1's torchdistill_<student>.yaml).")
+
+
+def opening_sentences(table: pd.DataFrame, runs: pd.DataFrame, stage_outputs: dict[tuple[str, str], list[int]] | None = None) -> str:
     """Two or three plain sentences per pair, from the numbers of the accuracy table: which
     student method won and by how much over the CE student, the teacher's headroom, and the
-    teacher layers the `ours` runs distilled from (as their config.yaml records them)."""
+    teacher layers the `ours` runs distilled from (as their config.yaml records them); with
+    `stage_outputs` (`discovery.stage_outputs`), whether mdistiller's and RepDistiller's `feats`
+    can reach those layers."""
     paragraphs = []
     for (dataset, pair), group in table.groupby(["dataset", "pair"], sort=False):
         students = group[(group["method"] != TEACHER) & group["best_mean"].notna()]
@@ -221,6 +237,7 @@ def opening_sentences(table: pd.DataFrame, runs: pd.DataFrame) -> str:
         if not layers.empty:
             chosen = sorted(set(layers))
             text += f" Q chose teacher layer{'s' if len(chosen[0].split()) != 1 else ''} {'; '.join(c.replace(' ', ', ') for c in chosen)}."
+            text += feats_sentence(chosen, (stage_outputs or {}).get((dataset, pair)))
         paragraphs.append(text)
     return "\n\n".join(paragraphs) + ("\n\n" if paragraphs else "")
 
