@@ -393,8 +393,8 @@ def test_accuracy_md_opens_with_sentences_from_the_numbers_and_explains_ari(tmp_
 
 
 def test_the_report_says_when_qs_layers_are_out_of_reach_of_mdistillers_feats(tmp_path):
-    # mdistiller's and RepDistiller's `feats` hold only stage outputs (the baseline layers that
-    # stage 1's selection.yaml records); torchdistill's forward hooks reach every layer.
+    # mdistiller's and RepDistiller's `feats` hold only the stem and the stage outputs (the baseline
+    # layers that stage 1's selection.yaml records); torchdistill's forward hooks reach every layer.
     from common.artifacts.layout import dir_name
 
     root = tmp_path / "artifacts"
@@ -411,7 +411,7 @@ def test_the_report_says_when_qs_layers_are_out_of_reach_of_mdistillers_feats(tm
     (profile_dir / "selection.yaml").write_text(yaml.safe_dump({"layers": [4, 8, 15, 16], "baseline_layers": [5, 10, 15, 16]}))
     text = report.run(root, tmp_path / "reports")["markdown"]["accuracy"]
     assert "Q chose teacher layers 4, 8, 15, 16." in text
-    assert "stage outputs (layers 5, 10, 15, 16), so layers 4, 8 are out of their reach" in text
+    assert "stem and stage outputs (layers 0, 5, 10, 15, 16), so layers 4, 8 are out of their reach" in text
     assert "torchdistill" in (tmp_path / "reports" / "accuracy.md").read_text()
     (profile_dir / "selection.yaml").write_text(yaml.safe_dump({"layers": [4, 8, 15, 16], "baseline_layers": [4, 8, 15, 16]}))
     assert "stage outputs" not in report.run(root, tmp_path / "reports")["markdown"]["accuracy"]  # all reachable: nothing said

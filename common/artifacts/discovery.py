@@ -291,10 +291,11 @@ def find_profiles(artifacts: Path, *, datasets: Iterable[str] | None = None) -> 
 
 
 def stage_outputs(runs: pd.DataFrame) -> dict[tuple[str, str], list[int]]:
-    """(dataset, pair) -> the teacher's baseline layers, as stage 1's selection.yaml records them:
-    the last block of each stage, the stage outputs that mdistiller's and RepDistiller's `feats`
-    hold (the report says when Q's selection lies outside them). Read from a profile of the
-    teacher that the pair's runs name (run.teacher_id); pairs without one are left out."""
+    """(dataset, pair) -> the teacher layers that mdistiller's and RepDistiller's `feats` hold: the
+    stem (layer 0) and the output of each stage, which are the baseline layers stage 1's
+    selection.yaml records (the last block of each stage). The report says when Q's selection
+    lies outside them. Read from a profile of the teacher that the pair's runs name
+    (run.teacher_id); pairs without one are left out."""
     out: dict[tuple[str, str], list[int]] = {}
     for row in runs.dropna(subset=["teacher_id"]).itertuples():
         key = (row.dataset, row.pair)
@@ -305,7 +306,7 @@ def stage_outputs(runs: pd.DataFrame) -> dict[tuple[str, str], list[int]]:
         for selection in sorted(teacher_dir.glob("profile-*/selection.yaml")):
             layers = read_yaml_dict(selection).get("baseline_layers")
             if isinstance(layers, list) and layers:
-                out[key] = [int(i) for i in layers]
+                out[key] = sorted({0, *(int(i) for i in layers)})
                 break
     return out
 

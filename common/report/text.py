@@ -203,7 +203,7 @@ def feats_sentence(chosen: list[str], outputs: list[int] | None) -> str:
     if not outside:
         return ""
     many = len(outside) != 1
-    return (f" mdistiller's and RepDistiller's `feats` hold only the teacher's stage outputs (layers {', '.join(map(str, outputs))}),"
+    return (f" mdistiller's and RepDistiller's `feats` hold only the teacher's stem and stage outputs (layers {', '.join(map(str, outputs))}),"
             f" so layer{'s' if many else ''} {', '.join(map(str, outside))} {'are' if many else 'is'} out of their reach;"
             f" torchdistill's forward hooks reach {'them' if many else 'it'} (stage 1's torchdistill_<student>.yaml).")
 
