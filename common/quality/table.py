@@ -133,7 +133,7 @@ def _source(images: Tensor | DataLoader, labels: Tensor | Sequence[int] | None) 
         if labels is None:
             labels = torch.cat([_labels_of(collate([dataset[i] for i in range(j, min(j + 256, len(dataset)))]))
                                 for j in range(0, len(dataset), 256)])
-        labels = torch.as_tensor(labels).reshape(-1).long()
+        labels = torch.as_tensor(labels).reshape(-1).long().cpu()
         if len(labels) != len(dataset):
             raise DataError(f"{len(labels)} labels for a dataset of {len(dataset)} items; pass one label per item")
         return batch, labels, batch(torch.arange(min(2, len(dataset))))
