@@ -89,13 +89,17 @@ from lfkd.models import create_model
 model = create_model("resnet9", num_classes=2, in_channels=1, image_size=8, width=0.125)
 x, y = torch.randn(8, 1, 8, 8), torch.tensor([0, 1] * 4)
 table = quality_table(model, x, y, num_classes=2, k=2, subset_size=4, per_class_cap=2)
-print(json.dumps([common.MARK, len(table), int(table.selected.sum()), sorted(m for m in sys.modules if m.split('.')[0] == 'common')]))
+from lfkd.alias import rewrite
+ns = {{}}
+exec(rewrite("import common.layers\\nimport importlib\\nnames = [common.layers.__name__, importlib.import_module('common.cache').__name__]", "<t>", "lfkd"), ns)
+print(json.dumps([common.MARK, len(table), int(table.selected.sum()), sorted(m for m in sys.modules if m.split('.')[0] == 'common'), ns["names"]]))
 """
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}  # the checkout is not on the path
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    mark, n_layers, n_selected, loaded = json.loads(out.stdout.splitlines()[-1])
+    mark, n_layers, n_selected, loaded, rewritten = json.loads(out.stdout.splitlines()[-1])
     assert (mark, n_selected, loaded) == ("theirs", 2, ["common"]) and n_layers > 2
+    assert rewritten == ["lfkd.layers", "lfkd.cache"]  # `import common.x` and module-path strings point at lfkd
 
 
 def test_stage1_writes_the_selection_as_torchdistill_forward_hooks(stage1):
