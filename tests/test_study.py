@@ -22,6 +22,8 @@ from common.study import runner as study
 from common.report import tables
 from common.config import load_config, to_dict
 from common.data.registry import load_data
+from common.files import sha256_file
+from common.profile import student as student_profile
 from common.errors import ConfigError, DataError
 from common.study.plan import CONTROL, REFERENCE, SINGLE, STUDENT, arm_config, check_base_config, nearest_student_layer, plan_for, plan_lines, study_plan
 from common.study.stats import Interval, bootstrap_spearman, difference_sentence, paired_difference, spearman
@@ -323,7 +325,16 @@ def test_study_end_to_end(studied) -> None:
     correlations = pd.read_csv(files["layer_study_correlations.csv"])
     assert correlations["criterion"].tolist() == ["Q", "S", "I", "E", "sqrtIE"] and (correlations["n_layers"] == 4).all()
     controls = pd.read_csv(files["layer_study_controls.csv"])
-    assert controls["arm"].tolist() == [a.name for a in plan.arms if a.kind != SINGLE]
+    assert controls["arm"].tolist() == [a.name for a in plan.arms if a.kind in (REFERENCE, CONTROL)]
+    maps = pd.read_csv(files["layer_study_student_maps.csv"])
+    assert maps["arm"].tolist() == ["ours", *(a.name for a in plan.of_kind(STUDENT))]
+    assert (maps["teacher_layers"] == maps.iloc[0]["teacher_layers"]).all() and (maps["n_pairs"].dropna() == 2).all()
+    # student_q: the CE student's own top-k by Q, profiled from seed 0's ce run, the same list for both seeds
+    profiled = student_profile.load(cfg, data)
+    assert profiled is not None and profiled.data["student"]["sha256"] == sha256_file(trained["ce"][0] / "student.pt")
+    q_runs = runs[runs["arm"] == "student_q"]
+    assert (q_runs["recorded_student_layers"] == " ".join(map(str, profiled.top_q))).all()
+    assert "## Student-layer maps vs ours" in files["layer_study.md"].read_text()
     others = controls[controls["arm"] != "ours"]
     assert (others["n_pairs"] == 2).all() and others["sentence"].str.len().gt(0).all()
     md = files["layer_study.md"].read_text()
