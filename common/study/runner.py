@@ -9,11 +9,12 @@ same function in both places; the report finds each arm's runs in the directorie
 those overrides (`arm_run_dirs`: the config hash, so a run of other settings never mixes in), read
 through stage 3's own discovery (`common.artifacts.discovery.find_runs`).
 
-Report (`<out>/layer_study.{csv,md}`, layer_study_{controls,correlations,runs}.csv, plots/):
+Report (`<out>/layer_study.{csv,md}`, layer_study_{controls,correlations,student_maps,runs}.csv, plots/):
 per teacher layer S, I, E, Q beside the single-layer student's accuracy (best-epoch test
 accuracy, METHOD 10; mean and population std over seeds); Spearman's rho of each criterion
 with that accuracy and a bootstrap interval over seeds; each control's paired difference to
-`ours` over seeds with a t-interval, in words; and plain sentences where Q fails. This module
+`ours` over seeds with a t-interval, in words; each student map's (Q's teacher layers into other
+student layers) the same way; and plain sentences where Q fails. This module
 finds the runs and builds the tables and findings; their Markdown and figures are in
 common/study/text.py.
 """
@@ -254,7 +255,7 @@ def default_out(cfg: Config) -> Path:
 def run(cfg: Config, out_dir: Path | None = None, *, data: Any = None, n_boot: int = N_BOOTSTRAP, boot_seed: int = 0,
         **plan_options: Any) -> dict[str, Any]:
     """The study report for one config (the one `make study` ran with): finds each arm's runs,
-    writes layer_study.{csv,md}, layer_study_{controls,correlations,runs}.csv and two plots under
+    writes layer_study.{csv,md}, layer_study_{controls,correlations,student_maps,runs}.csv and two plots under
     `out_dir` (default `default_out`). plan_options: `layers`, `random_draws`, `random_seed`,
     as given to the plan. Nothing is trained or profiled here."""
     from common.data.registry import load_data
