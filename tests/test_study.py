@@ -354,6 +354,11 @@ def test_study_report_lists_missing_seeds_and_ignores_other_settings(studied) ->
     missing = out["runs"][out["runs"]["status"] == "missing"]
     assert set(missing["seed"]) == {2} and len(missing) == len(plan.arms)
     assert "## Runs not finished" in out["markdown"]
+    # the other regime has no ce run, so no student profile: student_q has no run directory yet
+    alone = study.run(other, tmp / "report_other", data=data, layers=LAYERS, n_boot=50)
+    q = alone["runs"][alone["runs"]["arm"] == "student_q"]
+    assert (q["status"] == "missing").all() and (q["path"] == study.NOT_PROFILED).all()
+    assert alone["plan"].arm("student_q").student_layers == () and "nothing to compare yet" in " ".join(alone["findings"])
 
 
 def test_study_command_lines(studied) -> None:
