@@ -96,6 +96,10 @@ def test_plan_arms_and_their_exact_overrides() -> None:
     assert arm("student_random_1").overrides == ("method.name=ours", f"method.student_layers=[{randoms[0][0]},{randoms[0][1]}]")
     profiled = study_plan(manifest(q), n_student=4, student_baseline=[1, 3], student_top_q=[3, 0], student_draws=0)
     assert profiled.arm("student_q").student_layers == (0, 3) and "student_random_1" not in [a.name for a in profiled.arms]
+    as_ours = study_plan(manifest(q), n_student=4, student_baseline=[1, 3], student_top_q=[1, 3], student_draws=0)
+    assert any(n.startswith("student_q: the student's baseline list [1, 3]") for n in as_ours.notes)
+    as_depth = study_plan(manifest(q), n_student=4, student_baseline=[1, 3], student_top_q=[0, 2], student_draws=0)
+    assert any(n.startswith("student_depth and student_q: the same student layers [0, 2]") for n in as_depth.notes)
 
 
 def test_plan_random_draws_are_seeded_and_stable() -> None:

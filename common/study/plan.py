@@ -232,10 +232,14 @@ def _student_maps(ours: Arm, n_teacher: int, n_student: int, student_top_q: Sequ
     for d, drawn_layers in enumerate(drawn, 1):
         layers = tuple(in_depth_order(depths, drawn_layers))  # Q's top-k is sorted, so this is the sorted draw
         arms.append(mapped(f"student_random_{d}", f"random student draw {d} of {k} layers, seed {seed}", _list(layers), layers))
-    same = [a.name for a in arms if a.student_layers and a.student_layers == baseline]
-    same += [f"{a.name} and {b.name}" for i, a in enumerate(arms) for b in arms[i + 1:] if a.student_layers and a.student_layers == b.student_layers]
-    if same:
-        notes.append(f"{', '.join(same)}: the same student layers as ours / each other, so their difference is run-to-run noise only")
+    as_ours = [a.name for a in arms if a.student_layers and a.student_layers == baseline]
+    if as_ours:
+        notes.append(f"{', '.join(as_ours)}: the student's baseline list {list(baseline)}, as ours (separate runs with the same "
+                     "settings), so the difference to ours is run-to-run noise only")
+    for i, a in enumerate(arms):
+        shared = [b.name for b in arms[i + 1:] if a.student_layers and b.student_layers == a.student_layers]
+        if shared:  # a map and a draw that resolve to one list hash to one run directory
+            notes.append(f"{a.name} and {', '.join(shared)}: the same student layers {list(a.student_layers)}, so the same runs")
     return arms
 
 
