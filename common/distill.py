@@ -32,7 +32,6 @@ from common.layers.tables import layer_shapes, layer_infos_for
 from common.profile.features import ensure_features, rebuild_hint, wants_cache
 from common.profile import student as student_profile
 from common.profile.manifest import Manifest
-from common.profile.student import StudentProfile
 from common.profile.teacher import ensure_teacher, load_teacher
 from common.train.inputs import rows_nbytes
 from common.train.teacher_source import CachedTeacher, LiveTeacher
@@ -51,7 +50,7 @@ class RunResult:
 
 
 def resolve_layer_lists(
-    cfg: Config, spec: MethodSpec, data: Data, manifest: Manifest | None = None, student: StudentProfile | None = None,
+    cfg: Config, spec: MethodSpec, data: Data, manifest: Manifest | None = None, student: student_profile.StudentProfile | None = None,
 ) -> tuple[list[int], list[int]]:
     """Teacher and student layer lists of a feature method (METHOD 7; section 0 item 4).
 
