@@ -69,9 +69,10 @@ demo: setup
 	$(PY) stage3_evaluate.py --artifacts $(ARTIFACTS) --dataset fashion_mnist --methods $(DEMO_METHODS) --out $(ARTIFACTS)/reports/demo
 
 # The layer-selection study (README "Layer-selection study"): every arm of the plan (the CE
-# student, ours and its controls, each teacher layer alone) is one stage-2 run per seed, the
-# same command as `make distill` with the arm's overrides; then stage 3 writes the study report.
-# The plan's options go in STUDY_ARGS, e.g. STUDY_ARGS='--layers "3 7 11" --random-draws 5'.
+# student, ours and its controls, each teacher layer alone, ours' teacher layers into other
+# student layers) is one stage-2 run per seed, the same command as `make distill` with the arm's
+# overrides; then stage 3 writes the study report.
+# The plan's options go in STUDY_ARGS, e.g. STUDY_ARGS='--layers "3 7 11" --random-draws 5 --student-draws 0'.
 STUDY_ARGS ?=
 study: setup
 	@plan="$$($(PY) -m common.study plan $(COMMON) $(STUDENT_ARGS) $(STUDY_ARGS) $(ARGS))" || exit 1; \

@@ -7,7 +7,7 @@ page), and prints the Markdown tables. Unfinished or failed runs are listed, nev
 
 With --study: the layer-selection study's report instead (common/study/runner.py), for the config the
 study ran with (the same --config, flags and overrides as `make study`; overrides after `--`).
-Writes layer_study.{csv,md}, layer_study_{controls,correlations,runs}.csv and plots to --out
+Writes layer_study.{csv,md}, layer_study_{controls,correlations,student_maps,runs}.csv and plots to --out
 (default <artifacts>/reports/layer_study/<dataset>/<teacher>__<student>).
 
 Examples:

@@ -126,6 +126,9 @@ class ProfileConfig:
     memory_budget_mb: int = 1536  # features, Grams and float64 working copies S/I/E/Q may hold at once (RAM, or GPU memory on a GPU), beside one teacher batch
     keep_activations: bool = False  # also write subset A's features of every layer (activations.h5)
     cache_dtype: str = "float16"  # dtype of the feature cache (float16 | float32)
+    # method.student_layers=Q profiles seed 0's `ce` run (common/profile/student.py); when that run
+    # is not finished: true trains it first, false stops with an error before anything trains
+    train_student_ce: bool = True
     device: str = "auto"
     progress: bool = True
 

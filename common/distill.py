@@ -22,6 +22,7 @@ from common.data.registry import Data
 from common.train.distributed import SINGLE, Ranks
 from common.errors import ConfigError
 from common.runtime import ram_budget, versions
+from common.layers import pairing
 from common.layers.hooks import resolve_layers
 from common.method_spec import MethodSpec, hashed_fields
 from common.methods import build_distiller, resolve_run_method
@@ -29,6 +30,7 @@ from common.models import MODELS, create_model
 from common.profile import runner as profile
 from common.layers.tables import layer_shapes, layer_infos_for
 from common.profile.features import ensure_features, rebuild_hint, wants_cache
+from common.profile import student as student_profile
 from common.profile.manifest import Manifest
 from common.profile.teacher import ensure_teacher, load_teacher
 from common.train.inputs import rows_nbytes
@@ -47,42 +49,77 @@ class RunResult:
     best_test_acc: float | None = None
 
 
-def resolve_layer_lists(cfg: Config, spec: MethodSpec, data: Data, manifest: Manifest | None = None) -> tuple[list[int], list[int]]:
+def resolve_layer_lists(
+    cfg: Config, spec: MethodSpec, data: Data, manifest: Manifest | None = None, student: student_profile.StudentProfile | None = None,
+) -> tuple[list[int], list[int]]:
     """Teacher and student layer lists of a feature method (METHOD 7; section 0 item 4).
 
     Explicit lists and the pairing are checked before anything is trained (`check_layer_lists`). A
     teacher-layer word other than "baseline" ("selected", a criterion) is read from stage 1's
     manifest through `Manifest.teacher_layers` (`manifest`, or stage 1's for `cfg`, run first when
-    the profile is missing): stage 2 never selects layers itself.
+    the profile is missing): stage 2 never selects layers itself. A student map ("depth", "Q") is
+    turned into student layers by common/layers/pairing.py, the one home of the pairing rule; "Q"
+    reads the CE student's profile (`student`, or common/profile/student.py's for `cfg`, built
+    first when missing).
     """
     teacher_layers, student_layers = check_layer_lists(cfg, spec, data)
     if isinstance(teacher_layers, str):
         teacher_layers = (manifest or profile.manifest_for(cfg, data)).teacher_layers(teacher_layers)
+    if isinstance(student_layers, str):
+        top_q = (student or student_profile.manifest_for(cfg, data)).top_q if student_layers == "Q" else None
+        student_layers = map_student_layers(cfg, data, student_layers, teacher_layers, top_q)
     return teacher_layers, student_layers
 
 
-def run_dirs(cfg: Config, data: Data, spec: MethodSpec, teacher_layers: list[int], seeds: list[int]) -> dict[int, Path]:
-    """Seed -> the run directory of `spec` with these resolved teacher layers (common/artifacts/layout.py)."""
+def map_student_layers(cfg: Config, data: Data, word: str, teacher_layers: list[int], student_top_q: list[int] | None) -> list[int]:
+    """The student layers of map `word` ("depth" or "Q") for these resolved teacher layers, by
+    common/layers/pairing.py: relative depths within the teacher, the student's own layers."""
+    n_teacher = len(layer_infos_for(cfg.teacher, data))
+    n_student = len(layer_infos_for(cfg.student, data))
+    depths = [pairing.relative_depth(i, n_teacher) for i in teacher_layers]
+    if word == "depth":
+        return pairing.depth_student_layers(depths, range(n_student), n_student)
+    if student_top_q is None or len(student_top_q) != len(teacher_layers):
+        raise ConfigError(f"method.student_layers=Q pairs the student's top-{cfg.profile.k} by Q (profile.k) with the teacher's "
+                          f"{len(teacher_layers)} layers {teacher_layers}; give as many teacher layers as profile.k")
+    return pairing.in_depth_order(depths, student_top_q)
+
+
+def run_dirs(cfg: Config, data: Data, spec: MethodSpec, teacher_layers: list[int], seeds: list[int],
+             student_layers: list[int] | None = None) -> dict[int, Path]:
+    """Seed -> the run directory of `spec` with these resolved teacher layers (common/artifacts/layout.py).
+
+    A student map ("depth", "Q") enters the key as the student layers it resolved to, written as
+    an explicit list would be: a run depends on the layers it distils into, not on how they were
+    chosen (as on the teacher side). "baseline" and explicit lists hash as they always did."""
     use = artifacts.teacher_use(teacher_layers, cfg.profile.cache_dtype) if spec.needs_teacher else None
     method = hashed_fields(spec)
+    if spec.student_layers in pairing.MAPPED:
+        if student_layers is None:
+            raise ValueError(f"method.student_layers={spec.student_layers} needs the resolved student layers for the run key")
+        method["student_layers"] = tuple(student_layers)
     return {s: artifacts.run_dir(cfg, data, method, use, s) for s in seeds}
 
 
-def check_layer_lists(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int] | str, list[int]]:
+def check_layer_lists(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int] | str, list[int] | str]:
     """The layer lists of `resolve_layer_lists`, checked without reading or building the profile:
-    indices in range and listed once, as many teacher as student layers for a one-to-one mapping.
+    indices in range and listed once, as many teacher as student layers for a one-to-one mapping,
+    enough student layers for a student map, and for "Q" a CE student to profile.
     Explicit lists keep the order given: one-to-one pairs the i-th teacher layer with the i-th
     student layer, so [15, 14, 13, 12] against [1, 3, 5, 7] is the reversed map.
 
     Returns the teacher layers (indices, or the profile word to read from the manifest) and the
-    student layers.
+    student layers (indices, or the map word "depth" / "Q" to resolve against the teacher layers).
     """
     if not (spec.needs_teacher_features or spec.needs_teacher_model):
         return [], []
     n_teacher = len(layer_infos_for(cfg.teacher, data))
     n_student = len(layer_infos_for(cfg.student, data))
+    mapped = spec.student_layers in pairing.MAPPED
     if spec.student_layers == "baseline":
-        student_layers = list(MODELS.get(cfg.student.name).baseline_layers)
+        student_layers: list[int] | str = list(MODELS.get(cfg.student.name).baseline_layers)
+    elif mapped:
+        student_layers = str(spec.student_layers)
     else:
         student_layers = resolve_layers(spec.student_layers, n_student, "student layer")
         _once("method.student_layers", spec.student_layers, student_layers)
@@ -100,7 +137,21 @@ def check_layer_lists(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[i
         shown = f"profile.layers {cfg.profile.layers}" if explicit else f"the top-{cfg.profile.k} by {cfg.profile.criterion if spec.teacher_layers == 'selected' else spec.teacher_layers}"
     else:
         n_pairs, shown = len(teacher_layers), str(teacher_layers)
-    if spec.mapping == "one2one" and n_pairs != len(student_layers):
+    if mapped:
+        n_mapped = cfg.profile.k if spec.student_layers == "Q" else n_pairs
+        if n_student < n_mapped:
+            raise ConfigError(
+                f"method.student_layers={spec.student_layers} needs {n_mapped} distinct student layers (for {shown}) but student "
+                f"{cfg.student.name} has only {n_student} generalized layers; lower profile.k or give method.student_layers=[...]"
+            )
+        if spec.student_layers == "Q" and n_pairs != n_mapped:
+            raise ConfigError(
+                f"method.student_layers=Q pairs the student's top-{n_mapped} by Q (profile.k) with teacher layers {shown}; "
+                "give as many teacher layers as profile.k"
+            )
+        if spec.student_layers == "Q":
+            student_profile.check_available(cfg, data)
+    elif spec.mapping == "one2one" and n_pairs != len(student_layers):
         raise ConfigError(
             f"method {spec.name} pairs teacher layers {shown} one-to-one with student layers {student_layers}; "
             f"give as many of each (profile.k or method.student_layers=[...])"
@@ -137,7 +188,7 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     student_layers: list[int] = []
     if needs_teacher:
         teacher_layers, student_layers = resolve_layer_lists(cfg, spec, data)  # checks lists before training
-    dirs = run_dirs(cfg, data, spec, teacher_layers, seeds)
+    dirs = run_dirs(cfg, data, spec, teacher_layers, seeds, student_layers)
     todo = distributed.broadcast([s for s in seeds if not (dirs[s] / artifacts.DONE).exists()], ranks)  # one list for all ranks
     for s in sorted(set(seeds) - set(todo)):
         log.info("distill %s seed %d: finished, skipping (%s)", spec.name, s, dirs[s])

@@ -41,7 +41,7 @@ class MethodSpec:
     feature_loss: str = _preset_only()  # none | mse | sp | sp_ref | semckd
     feature_weight: float
     teacher_layers: str | tuple[int, ...]  # a word of methods.base.TEACHER_LAYER_WORDS | explicit; () without a feature loss
-    student_layers: str | tuple[int, ...]  # a word of methods.base.STUDENT_LAYER_WORDS | explicit; () without a feature loss
+    student_layers: str | tuple[int, ...]  # a map of layers.pairing.STUDENT_MAPS (baseline | depth | Q) | explicit; () without a feature loss
     mapping: str  # one2one | full
     projector: str  # conv1x1 | three_layer | none
     detach_head: bool  # METHOD 8.1 SeperateLinear: no logit loss reaches the backbone

@@ -163,6 +163,9 @@ CASES = [
     ("student-layer-twice", "s2", ["method.student_layers=[1,2,3,3]"], ["method.student_layers", "twice"]),
     ("layer-lists-differ", "s2", ["method.teacher_layers=[2,4,6]"], ["one-to-one"]),
     ("student-list-shorter", "s2", ["method.student_layers=[1,2]"], ["one-to-one"]),
+    ("student-map-too-few-layers", "s2", ["profile.k=7", "method.student_layers=depth"], ["needs 7 distinct student layers", "only 6"]),
+    ("student-map-q-without-ce", "s2", ["method.student_layers=Q", "profile.train_student_ce=false"],
+     ["method.student_layers=Q", "no finished run", "profile.train_student_ce=true"]),
     # data
     ("missing-data-root", "s1", ["dataset.root=/nonexistent/fmnist"], ["/nonexistent/fmnist", "not found"]),
     ("one-class", "s1", ["--dataset", "image_folder", "dataset.root={bad}/one_class"], ["only 1 class", "at least 2"]),

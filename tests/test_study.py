@@ -22,8 +22,10 @@ from common.study import runner as study
 from common.report import tables
 from common.config import load_config, to_dict
 from common.data.registry import load_data
+from common.files import sha256_file
+from common.profile import student as student_profile
 from common.errors import ConfigError, DataError
-from common.study.plan import CONTROL, REFERENCE, SINGLE, arm_config, check_base_config, nearest_student_layer, plan_for, plan_lines, study_plan
+from common.study.plan import CONTROL, REFERENCE, SINGLE, STUDENT, arm_config, check_base_config, nearest_student_layer, plan_for, plan_lines, study_plan
 from common.study.stats import Interval, bootstrap_spearman, difference_sentence, paired_difference, spearman
 from tests.fakedata import make_fashion_mnist
 from tests.test_report import make_run, make_teacher
@@ -64,7 +66,8 @@ def test_plan_arms_and_their_exact_overrides() -> None:
     names = [a.name for a in plan.arms]
     assert names[:12] == ["ce", "ours", "ours_s", "ours_i", "ours_e", "ours_sqrtie", "stl_seplin", "reversed_q",
                           "bottom_q", "random_1", "random_2", "random_3"]
-    assert names[12:] == ["layer_0", "layer_1", "layer_2", "layer_4", "layer_5", "layer_6", "layer_7"]
+    assert names[12:19] == ["layer_0", "layer_1", "layer_2", "layer_4", "layer_5", "layer_6", "layer_7"]
+    assert names[19:] == ["student_depth", "student_q", "student_random_1", "student_random_2", "student_random_3"]
     assert plan.defined_layers == (0, 1, 2, 4, 5, 6, 7) and plan.k == 2
     assert any("layer_3" in note and "undefined" in note for note in plan.notes)
     arm = plan.arm
@@ -82,6 +85,21 @@ def test_plan_arms_and_their_exact_overrides() -> None:
     for drawn in draws:
         assert len(set(drawn)) == 2 and list(drawn) == sorted(drawn) and set(drawn) <= set(plan.defined_layers)
     assert plan_lines(plan)[7] == "reversed_q\tmethod.name=ours method.teacher_layers=[4,1]"
+    # student maps: ours' teacher layers and overrides, only the student layers vary
+    assert {a.kind for a in plan.arms[19:]} == {STUDENT} and all(a.teacher_layers == (1, 4) for a in plan.arms[19:])
+    assert arm("student_depth").overrides == ("method.name=ours", "method.student_layers=depth")
+    assert arm("student_depth").student_layers == (0, 2)  # 2/8 -> 1/4 exactly; 5/8 midway between 2/4 and 3/4: deeper
+    assert arm("student_q").overrides == ("method.name=ours", "method.student_layers=Q") and arm("student_q").student_layers == ()
+    randoms = [arm(f"student_random_{d}").student_layers for d in (1, 2, 3)]
+    assert len(set(randoms)) == 3 and not {(1, 3), (0, 2)} & set(randoms)  # never the baseline or depth list
+    assert all(list(r) == sorted(r) and len(set(r)) == 2 and set(r) <= {0, 1, 2, 3} for r in randoms)
+    assert arm("student_random_1").overrides == ("method.name=ours", f"method.student_layers=[{randoms[0][0]},{randoms[0][1]}]")
+    profiled = study_plan(manifest(q), n_student=4, student_baseline=[1, 3], student_top_q=[3, 0], student_draws=0)
+    assert profiled.arm("student_q").student_layers == (0, 3) and "student_random_1" not in [a.name for a in profiled.arms]
+    as_ours = study_plan(manifest(q), n_student=4, student_baseline=[1, 3], student_top_q=[1, 3], student_draws=0)
+    assert any(n.startswith("student_q: the student's baseline list [1, 3]") for n in as_ours.notes)
+    as_depth = study_plan(manifest(q), n_student=4, student_baseline=[1, 3], student_top_q=[0, 2], student_draws=0)
+    assert any(n.startswith("student_depth and student_q: the same student layers [0, 2]") for n in as_depth.notes)
 
 
 def test_plan_random_draws_are_seeded_and_stable() -> None:
@@ -112,6 +130,10 @@ def test_plan_options_and_refusals() -> None:
         study_plan(manifest([NAN, NAN, 0.1]), 3, [0, 2])
     with pytest.raises(ConfigError, match="random-draws"):
         study_plan(m, 3, [0, 2], random_draws=0)
+    with pytest.raises(ConfigError, match="student-draws"):
+        study_plan(m, 3, [0, 2], student_draws=-1)
+    few = study_plan(manifest([0.5, 0.4, 0.3], k=3), 2, [0, 1, 1])  # a 2-layer student cannot take k=3 distinct layers
+    assert not few.of_kind(STUDENT) and any("student-map arms left out" in n for n in few.notes)
     only_k = study_plan(manifest([0.5, 0.4]), 2, [0, 1])
     assert "bottom_q" not in [a.name for a in only_k.arms] and any("bottom_q" in n for n in only_k.notes)
 
@@ -307,7 +329,16 @@ def test_study_end_to_end(studied) -> None:
     correlations = pd.read_csv(files["layer_study_correlations.csv"])
     assert correlations["criterion"].tolist() == ["Q", "S", "I", "E", "sqrtIE"] and (correlations["n_layers"] == 4).all()
     controls = pd.read_csv(files["layer_study_controls.csv"])
-    assert controls["arm"].tolist() == [a.name for a in plan.arms if a.kind != SINGLE]
+    assert controls["arm"].tolist() == [a.name for a in plan.arms if a.kind in (REFERENCE, CONTROL)]
+    maps = pd.read_csv(files["layer_study_student_maps.csv"])
+    assert maps["arm"].tolist() == ["ours", *(a.name for a in plan.of_kind(STUDENT))]
+    assert (maps["teacher_layers"] == maps.iloc[0]["teacher_layers"]).all() and (maps["n_pairs"].dropna() == 2).all()
+    # student_q: the CE student's own top-k by Q, profiled from seed 0's ce run, the same list for both seeds
+    profiled = student_profile.load(cfg, data)
+    assert profiled is not None and profiled.data["student"]["sha256"] == sha256_file(trained["ce"][0] / "student.pt")
+    q_runs = runs[runs["arm"] == "student_q"]
+    assert (q_runs["recorded_student_layers"] == " ".join(map(str, profiled.top_q))).all()
+    assert "## Student-layer maps vs ours" in files["layer_study.md"].read_text()
     others = controls[controls["arm"] != "ours"]
     assert (others["n_pairs"] == 2).all() and others["sentence"].str.len().gt(0).all()
     md = files["layer_study.md"].read_text()
@@ -327,6 +358,11 @@ def test_study_report_lists_missing_seeds_and_ignores_other_settings(studied) ->
     missing = out["runs"][out["runs"]["status"] == "missing"]
     assert set(missing["seed"]) == {2} and len(missing) == len(plan.arms)
     assert "## Runs not finished" in out["markdown"]
+    # the other regime has no ce run, so no student profile: student_q has no run directory yet
+    alone = study.run(other, tmp / "report_other", data=data, layers=LAYERS, n_boot=50)
+    q = alone["runs"][alone["runs"]["arm"] == "student_q"]
+    assert (q["status"] == "missing").all() and (q["path"] == study.NOT_PROFILED).all()
+    assert alone["plan"].arm("student_q").student_layers == () and "nothing to compare yet" in " ".join(alone["findings"])
 
 
 def test_study_command_lines(studied) -> None:

@@ -7,6 +7,9 @@
                                                              quality.png, selection.yaml, done
     <artifacts>/<dataset>/<teacher>__<student>/<method>-<rhash>/seed<k>/
                                                              config.yaml, metrics.csv, student.pt, done
+    <artifacts>/<dataset>/<student>-<shash>/quality-<qhash>/, profile-<phash>/
+                                                             a CE student's own S/I/E/Q and top-k by Q
+                                                             (method.student_layers=Q), keyed by its checkpoint
 
 This module builds these paths and reads them back (`iter_variants`, `iter_teachers`): the
 layout has this one home.
@@ -212,6 +215,32 @@ def profile_key(cfg: Config) -> dict[str, Any]:
 
 def profile_dir(cfg: Config, data: Data) -> Path:
     return teacher_dir(cfg, data) / f"profile-{short_hash(profile_key(cfg))}"
+
+
+def student_model_key(cfg: Config, data: Data, checkpoint_sha256: str) -> dict[str, Any]:
+    """A trained student's checkpoint profiled as it is (`method.student_layers=Q`): keyed as an
+    as-is teacher is (`teacher_key`), by the dataset and the file's content, so a profile of
+    another checkpoint (another seed, other training settings) is never reused."""
+    s = cfg.student
+    return {"dataset": dataset_key(cfg, data),
+            "model": {"name": s.name, "width": s.width, "pretrained": "student.pt", "as_is": True, "sha256": checkpoint_sha256}}
+
+
+def student_model_dir(cfg: Config, data: Data, checkpoint_sha256: str) -> Path:
+    """<artifacts>/<dataset>/<student>-<hash>/: beside the teachers, holding only quality-<qhash>/
+    and profile-<phash>/ (no metrics.csv or config.yaml, so it is never listed as a teacher)."""
+    return Path(cfg.artifacts) / cfg.dataset.name / dir_name(f"{cfg.student.name}-{short_hash(student_model_key(cfg, data, checkpoint_sha256))}")
+
+
+def student_profile_key(cfg: Config) -> dict[str, Any]:
+    """The student's selection: S/I/E/Q's key plus k; always the top-k by Q, never an explicit list."""
+    return {**quality_key(cfg), "k": cfg.profile.k, "criterion": "Q", "layers": None}
+
+
+def student_profile_dirs(cfg: Config, data: Data, checkpoint_sha256: str) -> tuple[Path, Path]:
+    """(quality dir, profile dir) of a student checkpoint, keyed as a teacher's are."""
+    root = student_model_dir(cfg, data, checkpoint_sha256)
+    return root / f"quality-{short_hash(quality_key(cfg))}", root / f"profile-{short_hash(student_profile_key(cfg))}"
 
 
 def run_key(cfg: Config, data: Data, method: dict[str, Any], teacher: dict[str, Any] | None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     hooks           layer chains, generalized layers, feature extraction by forward hooks, LayerInfo tables
     tables          the layer tables of a configured model (what stage 1 and 2 check layer indices against)
+    pairing         the student-layer maps: which student layer each teacher layer goes to (pure functions)
 
 `common.layers` keeps the import path of the former module common/layers.py: its public names
 are those of `common.layers.hooks`, loaded on first use (PEP 562), so that importing one

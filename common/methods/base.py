@@ -20,6 +20,7 @@ from torch import nn
 from common.config import CRITERIA
 from common.errors import ConfigError
 from common.layers.hooks import forward_with_features
+from common.layers.pairing import STUDENT_MAPS
 from common.methods.crd_loss import CRD_N_NEGATIVES
 from common.methods.dkd_loss import DKD_ALPHA, DKD_BETA_DEFAULT, DKD_WARMUP_EPOCHS, dkd_loss, dkd_warmup
 from common.methods.losses import kd_loss
@@ -32,7 +33,8 @@ from common.registry import Registry
 # common.profile.manifest.Manifest.teacher_layers.
 LOGIT_LOSSES = ("kd", "dkd")  # MethodSpec.logit_loss: Hinton's KD, or decoupled KD (dkd_loss.py)
 TEACHER_LAYER_WORDS = ("selected", "baseline", *CRITERIA)
-STUDENT_LAYER_WORDS = ("baseline",)
+# The student-layer maps (common/layers/pairing.py): "baseline", "depth", "Q".
+STUDENT_LAYER_WORDS = STUDENT_MAPS
 
 
 # ----------------------------------------------------------------------------- mappings (8.3)

@@ -5,6 +5,7 @@
     stats           the per-layer S/I/E/Q table of a teacher
     manifest        the manifest: the selected layers that stage 2 reads
     features        the feature cache of a teacher for stage 2
+    student         the CE student's own S/I/E/Q and top-k by Q (method.student_layers=Q), by stats' code
 
 `common.profile` keeps the import path of the former module common/profile.py: its public names
 are those of `common.profile.runner`, loaded on first use (PEP 562), so that importing one

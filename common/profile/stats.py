@@ -67,9 +67,14 @@ def stats_meta(cfg: Config, data: Data) -> dict[str, Any]:
     return _read_yaml(artifacts.quality_dir(cfg, data) / STATS_META)
 
 
-def ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_sha: str, device: torch.device) -> pd.DataFrame:
-    """layer_stats.csv: the layer table with S, I, E, Q and the intermediate statistics."""
-    qdir = artifacts.quality_dir(cfg, data)
+def ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_sha: str, device: torch.device,
+                   qdir: Path | None = None) -> pd.DataFrame:
+    """layer_stats.csv: the layer table with S, I, E, Q and the intermediate statistics.
+
+    `teacher` is the model `cfg.teacher` describes; `qdir` (default: the teacher's quality
+    directory) lets a CE student's checkpoint be profiled by this same code
+    (common/profile/student.py)."""
+    qdir = qdir if qdir is not None else artifacts.quality_dir(cfg, data)
     path = qdir / LAYER_STATS
     with file_lock(qdir / ".lock"):
         meta = _read_yaml(qdir / STATS_META)

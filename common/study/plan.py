@@ -18,7 +18,16 @@ Arms, all logit-free (the `ours` preset: CE on the detached head only, METHOD 9)
   `random_<d>` (seeded draws of k distinct defined layers, sorted; each list differs from Q's,
   bottom_q's and the earlier draws', so no two arms share runs).
 
-Every multi-layer arm pairs its k teacher layers with the student's baseline list, as `ours`.
+Every multi-layer arm above pairs its k teacher layers with the student's baseline list, as `ours`.
+
+Student-map arms (kind STUDENT): Q's top-k teacher layers fixed, as `ours`, and the student layers
+varied (common/layers/pairing.py, the one pairing rule): `ours` itself is the `baseline` map (the
+same runs); `student_depth` (each teacher layer to the student layer at the nearest relative
+depth, distinct, depth order kept), `student_q` (the student's own top-k by Q, from the profile
+of seed 0's `ce` run, common/profile/student.py; its layers are known once that run is profiled,
+so the plan lists them only when the profile exists) and `student_random_<d>` (seeded draws of k
+distinct student layers, sorted, so depth order is kept; each differs from the baseline and
+depth lists and the earlier draws).
 """
 from __future__ import annotations
 
@@ -27,12 +36,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from common.config import Config, MethodConfig, apply_override, from_dict, to_dict, validate_config
 from common.errors import ConfigError, DataError
+from common.layers.pairing import depth_student_layers, in_depth_order, nearest_student_layer, random_layer_lists, relative_depth
 
-REFERENCE, CONTROL, SINGLE = "reference", "control", "single"
+REFERENCE, CONTROL, SINGLE, STUDENT = "reference", "control", "single", "student_map"
 CRITERION_PRESETS = {"S": "ours_s", "I": "ours_i", "E": "ours_e", "sqrtIE": "ours_sqrtie"}  # METHOD 9 "Ours-*"
 DEFINED_BY = ("S", "I", "E", "Q")  # a layer enters the study only when all four are finite
 RANDOM_DRAWS = 3
@@ -44,11 +52,12 @@ class Arm:
     """One stage-2 run (per seed) of the study.
 
     teacher_layers / student_layers: the pairing the arm asks for, in pairing order (what
-    stage 2 records as run.teacher_layers / run.student_layers); () for the CE student.
+    stage 2 records as run.teacher_layers / run.student_layers); () for the CE student, and
+    student_layers () for `student_q` until the CE student is profiled.
     """
 
     name: str
-    kind: str  # REFERENCE | CONTROL | SINGLE
+    kind: str  # REFERENCE | CONTROL | SINGLE | STUDENT
     label: str  # what the arm is, in words
     overrides: tuple[str, ...]
     teacher_layers: tuple[int, ...] = ()
@@ -77,18 +86,6 @@ class StudyPlan:
         return [a for a in self.arms if a.kind == kind]
 
 
-def nearest_student_layer(teacher_layer: int, n_teacher: int, n_student: int) -> int:
-    """The student layer j whose relative depth (j+1)/n_student is nearest to the teacher
-    layer's (i+1)/n_teacher (generalized-layer indices, METHOD 4). Ties go to the deeper j, so
-    the student layer has done at least as much of its network as the teacher layer. Compared
-    in integers, so a tie is a tie."""
-    if not 0 <= teacher_layer < n_teacher or n_student < 1:
-        raise ValueError(f"teacher layer {teacher_layer} of {n_teacher}, student of {n_student} layers")
-    distance = [abs((teacher_layer + 1) * n_student - (j + 1) * n_teacher) for j in range(n_student)]
-    best = min(distance)
-    return max(j for j, d in enumerate(distance) if d == best)
-
-
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
@@ -105,13 +102,17 @@ def study_plan(
     layers: Sequence[int] | None = None,
     random_draws: int = RANDOM_DRAWS,
     random_seed: int = RANDOM_SEED,
+    student_draws: int = RANDOM_DRAWS,
+    student_top_q: Sequence[int] | None = None,
 ) -> StudyPlan:
     """The study's arms from stage 1's manifest (a `common.profile.manifest.Manifest` or its `.data`).
 
     n_student: the student's generalized-layer count; student_baseline: its baseline list (the
     student layers of every multi-layer arm). layers: only these teacher layers in the single-
     layer sweep (default all). random_draws / random_seed: the random controls, drawn with
-    `_random_lists`.
+    `_random_lists`. student_draws: the random student lists (0: none; the same random_seed);
+    student_top_q: the CE student's top-k by Q (`common.profile.student.StudentProfile.top_q`),
+    None before it is profiled.
     """
     data = getattr(manifest, "data", manifest)
     table = data["layers"]
@@ -129,10 +130,13 @@ def study_plan(
                           f"ours pairs them one-to-one, so set profile.k={len(baseline)}")
     if random_draws < 1:
         raise ConfigError(f"--random-draws must be >= 1 (the study's default is {RANDOM_DRAWS}), got {random_draws}")
+    if student_draws < 0:
+        raise ConfigError(f"--student-draws must be >= 0 (the study's default is {RANDOM_DRAWS}), got {student_draws}")
     notes: list[str] = []
     arms = [Arm("ce", REFERENCE, "CE-only student (no teacher)", ("method.name=ce",))]
     arms += _controls(data, k, tuple(top_q), defined, baseline, random_draws, random_seed, notes)
     arms += _single_layers(n_teacher, n_student, defined, layers, notes)
+    arms += _student_maps(next(a for a in arms if a.name == "ours"), n_teacher, n_student, student_top_q, student_draws, random_seed, notes)
     return StudyPlan(tuple(arms), k, defined, tuple(notes))
 
 
@@ -178,22 +182,11 @@ def _controls(data: Mapping[str, Any], k: int, top_q: tuple[int, ...], defined: 
 
 def _random_lists(defined: tuple[int, ...], k: int, taken: set[tuple[int, ...]], draws: int, seed: int,
                   notes: list[str]) -> list[tuple[int, ...]]:
-    """Draw d: k distinct defined layers, sorted, from numpy's default_rng([seed, d]), drawn
-    again while the list is taken (by ours, bottom_q or an earlier draw: two arms with one list
-    would share their runs). Adding a draw keeps the earlier ones."""
-    out: list[tuple[int, ...]] = []
-    taken = set(taken)
-    pool = np.array(defined)
-    for d in range(1, draws + 1):
-        if len(taken) >= math.comb(len(defined), k):
-            notes.append(f"random_{d} and later left out: every {k}-list of the {len(defined)} defined layers is taken")
-            break
-        rng = np.random.default_rng([seed, d])
-        drawn = tuple(sorted(int(i) for i in rng.choice(pool, size=k, replace=False)))
-        while drawn in taken:
-            drawn = tuple(sorted(int(i) for i in rng.choice(pool, size=k, replace=False)))
-        taken.add(drawn)
-        out.append(drawn)
+    """The random teacher lists (`common.layers.pairing.random_layer_lists` over the defined
+    layers); a note when fewer than `draws` lists are left."""
+    out = random_layer_lists(defined, k, taken, draws, seed)
+    if len(out) < draws:
+        notes.append(f"random_{len(out) + 1} and later left out: every {k}-list of the {len(defined)} defined layers is taken")
     return out
 
 
@@ -212,6 +205,41 @@ def _single_layers(n_teacher: int, n_student: int, defined: tuple[int, ...], lay
         j = nearest_student_layer(i, n_teacher, n_student)
         arms.append(Arm(f"layer_{i:0{width}d}", SINGLE, f"teacher layer {i} alone -> student layer {j}",
                         ("method.name=ours", f"method.teacher_layers=[{i}]", f"method.student_layers=[{j}]"), (i,), (j,)))
+    return arms
+
+
+def _student_maps(ours: Arm, n_teacher: int, n_student: int, student_top_q: Sequence[int] | None, draws: int, seed: int,
+                  notes: list[str]) -> list[Arm]:
+    """student_depth, student_q, student_random_<d>: ours' teacher layers and overrides, other student layers."""
+    top_q, baseline, k = ours.teacher_layers, ours.student_layers, len(ours.teacher_layers)
+    if n_student < k:
+        notes.append(f"student-map arms left out: the student has {n_student} generalized layers, fewer than k={k}")
+        return []
+    depths = [relative_depth(i, n_teacher) for i in top_q]
+    depth = tuple(depth_student_layers(depths, range(n_student), n_student))
+    student_q = tuple(in_depth_order(depths, student_top_q)) if student_top_q is not None else ()
+
+    def mapped(name: str, label: str, value: str, layers: tuple[int, ...]) -> Arm:
+        return Arm(name, STUDENT, label, (*ours.overrides, f"method.student_layers={value}"), top_q, layers)
+
+    arms = [mapped("student_depth", "student layers at the teacher layers' relative depth", "depth", depth),
+            mapped("student_q", "the student's own top-k by Q (seed 0's CE student)", "Q", student_q)]
+    if student_top_q is None:
+        notes.append("student_q: its student layers are known once seed 0's ce run is profiled (stage 2 does it before the arm's first run)")
+    drawn = random_layer_lists(range(n_student), k, {tuple(sorted(baseline)), tuple(sorted(depth))}, draws, seed)
+    if len(drawn) < draws:
+        notes.append(f"student_random_{len(drawn) + 1} and later left out: every {k}-list of the {n_student} student layers is taken")
+    for d, drawn_layers in enumerate(drawn, 1):
+        layers = tuple(in_depth_order(depths, drawn_layers))  # Q's top-k is sorted, so this is the sorted draw
+        arms.append(mapped(f"student_random_{d}", f"random student draw {d} of {k} layers, seed {seed}", _list(layers), layers))
+    as_ours = [a.name for a in arms if a.student_layers and a.student_layers == baseline]
+    if as_ours:
+        notes.append(f"{', '.join(as_ours)}: the student's baseline list {list(baseline)}, as ours (separate runs with the same "
+                     "settings), so the difference to ours is run-to-run noise only")
+    for i, a in enumerate(arms):
+        shared = [b.name for b in arms[i + 1:] if a.student_layers and b.student_layers == a.student_layers]
+        if shared:  # a map and a draw that resolve to one list hash to one run directory
+            notes.append(f"{a.name} and {', '.join(shared)}: the same student layers {list(a.student_layers)}, so the same runs")
     return arms
 
 
@@ -240,9 +268,11 @@ def arm_config(cfg: Config, arm: Arm) -> Config:
 def plan_for(cfg: Config, data: Any, *, build_profile: bool = False, **options: Any) -> tuple[StudyPlan, Any]:
     """(plan, manifest) for a resolved config: the manifest stage 1 wrote (`build_profile`: run
     stage 1 first when it is missing, as stage 2 does), the student's layer count and baseline
-    list. `options` go to `study_plan`."""
+    list, and the CE student's profile when it exists (never built here: its `ce` run may not be
+    trained yet). `options` go to `study_plan`."""
     from common.layers.tables import layer_infos_for
     from common.models import MODELS
+    from common.profile import student
     from common.profile.runner import manifest_for
     from common.profile.manifest import load_manifest
 
@@ -252,21 +282,32 @@ def plan_for(cfg: Config, data: Any, *, build_profile: bool = False, **options: 
         raise DataError(f"no finished profile for this config under {cfg.artifacts}; run the study first (make study) "
                         "or stage 1 with the same settings")
     n_student = len(layer_infos_for(cfg.student, data))
-    plan = study_plan(manifest, n_student, MODELS.get(cfg.student.name).baseline_layers, **options)
+    profiled = student.load(cfg, data)  # of cfg's `ce` run: the method is replaced by ce there
+    plan = study_plan(manifest, n_student, MODELS.get(cfg.student.name).baseline_layers,
+                      student_top_q=profiled.top_q if profiled is not None else None, **options)
     return plan, manifest
 
 
 def arm_run_dirs(cfg: Config, data: Any, arm: Arm, seeds: Sequence[int], manifest: Any) -> dict[int, Any]:
     """Seed -> the run directory stage 2 gives this arm: the same steps as `common.distill.run`
     (resolve the method, check the pairing, read a layer word from the manifest, hash), without
-    building anything."""
+    building anything. {} for `student_q` before its CE student is profiled (no run can exist)."""
     from common import distill
     from common.methods import resolve_run_method
 
     arm_cfg = arm_config(cfg, arm)
     spec = resolve_run_method(arm_cfg)
-    teacher_layers = distill.resolve_layer_lists(arm_cfg, spec, data, manifest)[0] if spec.needs_teacher else []
-    return distill.run_dirs(arm_cfg, data, spec, teacher_layers, [int(s) for s in seeds])
+    if not spec.needs_teacher:
+        return distill.run_dirs(arm_cfg, data, spec, [], [int(s) for s in seeds])
+    profiled = None
+    if spec.student_layers == "Q":
+        from common.profile import student
+
+        profiled = student.load(arm_cfg, data)
+        if profiled is None:
+            return {}
+    teacher_layers, student_layers = distill.resolve_layer_lists(arm_cfg, spec, data, manifest, student=profiled)
+    return distill.run_dirs(arm_cfg, data, spec, teacher_layers, [int(s) for s in seeds], student_layers)
 
 
 def plan_lines(plan: StudyPlan) -> list[str]:

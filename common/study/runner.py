@@ -9,11 +9,12 @@ same function in both places; the report finds each arm's runs in the directorie
 those overrides (`arm_run_dirs`: the config hash, so a run of other settings never mixes in), read
 through stage 3's own discovery (`common.artifacts.discovery.find_runs`).
 
-Report (`<out>/layer_study.{csv,md}`, layer_study_{controls,correlations,runs}.csv, plots/):
+Report (`<out>/layer_study.{csv,md}`, layer_study_{controls,correlations,student_maps,runs}.csv, plots/):
 per teacher layer S, I, E, Q beside the single-layer student's accuracy (best-epoch test
 accuracy, METHOD 10; mean and population std over seeds); Spearman's rho of each criterion
 with that accuracy and a bootstrap interval over seeds; each control's paired difference to
-`ours` over seeds with a t-interval, in words; and plain sentences where Q fails. This module
+`ours` over seeds with a t-interval, in words; each student map's (Q's teacher layers into other
+student layers) the same way; and plain sentences where Q fails. This module
 finds the runs and builds the tables and findings; their Markdown and figures are in
 common/study/text.py.
 """
@@ -34,12 +35,14 @@ from common.artifacts.discovery import find_runs, read_metrics, run_summary
 from common.files import atomic_write, atomic_write_text
 from common.plots import safe_filename
 from common.report.stats import mean_std
-from common.study.plan import CONTROL, RANDOM_DRAWS, RANDOM_SEED, REFERENCE, SINGLE, StudyPlan, arm_run_dirs, plan_for, plan_lines
+from common.study.plan import CONTROL, RANDOM_DRAWS, RANDOM_SEED, REFERENCE, SINGLE, STUDENT, StudyPlan, arm_run_dirs, plan_for, plan_lines
 from common.study.text import plot_controls, plot_criteria, study_markdown
 from common.study.stats import LEVEL, N_BOOTSTRAP, Interval, bootstrap_spearman, difference_sentence, paired_difference
 from common.report.text import headroom_sentence
 
 OURS_WORDS = "Q's layers (ours)"
+OURS_MAP_WORDS = "the student's baseline list (ours)"
+NOT_PROFILED = "(no run directory yet: seed 0's ce run is not profiled)"
 
 
 # ----------------------------------------------------------------------------- runs of each arm
@@ -53,8 +56,10 @@ def collect_runs(cfg: Config, data: Any, plan: StudyPlan, manifest: Any) -> pd.D
     index = {(f"{r.method}-{r.variant}", int(r.seed)): r for r in found.itertuples()}
     rows = []
     for arm in plan.arms:
-        for seed, run_dir in arm_run_dirs(cfg, data, arm, cfg.seeds, manifest).items():
-            hit = index.get((run_dir.parent.name, seed))
+        dirs = arm_run_dirs(cfg, data, arm, cfg.seeds, manifest)
+        for seed in (int(s) for s in cfg.seeds):
+            run_dir = dirs.get(seed)
+            hit = index.get((run_dir.parent.name, seed)) if run_dir is not None else None
             recorded = _recorded_layers(Path(hit.path)) if hit is not None and hit.status == "finished" else (None, None)
             rows.append(dict(
                 arm=arm.name, kind=arm.kind, seed=seed,
@@ -62,7 +67,7 @@ def collect_runs(cfg: Config, data: Any, plan: StudyPlan, manifest: Any) -> pd.D
                 best_test_acc=float(hit.best_test_acc) if hit is not None and hit.status == "finished" else float("nan"),
                 teacher_layers=_fmt_layers(arm.teacher_layers), student_layers=_fmt_layers(arm.student_layers),
                 recorded_teacher_layers=recorded[0], recorded_student_layers=recorded[1],
-                path=hit.path if hit is not None else str(run_dir),
+                path=hit.path if hit is not None else (str(run_dir) if run_dir is not None else NOT_PROFILED),
             ))
     return pd.DataFrame(rows)
 
@@ -118,24 +123,49 @@ def correlation_table(layers: pd.DataFrame, runs: pd.DataFrame, *, n_boot: int =
     return pd.DataFrame(rows)
 
 
-def control_table(plan: StudyPlan, runs: pd.DataFrame) -> pd.DataFrame:
-    """Per multi-layer arm (and the CE student): accuracy, and ours minus it paired over seeds
-    (`paired_difference`) with the sentence that states it."""
+def control_table(plan: StudyPlan, runs: pd.DataFrame, kinds: Sequence[str] = (REFERENCE, CONTROL)) -> pd.DataFrame:
+    """Per arm of `kinds` (default: the CE student and the multi-layer controls): accuracy, and
+    ours minus it paired over seeds (`paired_difference`) with the sentence that states it. With
+    kinds=(STUDENT,) the student-map arms, after `ours` (the baseline map, the same runs)."""
     ours = _accuracies(runs, "ours")
+    arms = [a for a in plan.arms if a.kind in kinds]
+    student = STUDENT in kinds
+    if student:
+        arms = [plan.arm("ours"), *arms]
     rows = []
-    for arm in plan.of_kind(REFERENCE) + plan.of_kind(CONTROL):
+    for arm in arms:
         accs = _accuracies(runs, arm.name)
         mean, std = mean_std(list(accs.values()))
-        row = dict(arm=arm.name, label=arm.label, teacher_layers=_fmt_layers(arm.teacher_layers),
+        label = "the student's baseline list (ours)" if student and arm.name == "ours" else arm.label
+        row = dict(arm=arm.name, label=label, teacher_layers=_fmt_layers(arm.teacher_layers),
                    student_layers=_fmt_layers(arm.student_layers), n=len(accs), acc_mean=mean, acc_std=std)
         if arm.name != "ours":
             diff = paired_difference(ours, accs)
             row.update(diff_mean=diff.estimate, diff_low=diff.low, diff_high=diff.high, n_pairs=diff.n,
-                       sentence=difference_sentence(OURS_WORDS, f"{arm.name} ({arm.label})", diff))
+                       sentence=difference_sentence(OURS_MAP_WORDS if student else OURS_WORDS, f"{arm.name} ({arm.label})", diff))
         rows.append(row)
     columns = ["arm", "label", "teacher_layers", "student_layers", "n", "acc_mean", "acc_std",
                "diff_mean", "diff_low", "diff_high", "n_pairs", "sentence"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def student_map_findings(maps: pd.DataFrame) -> list[str]:
+    """Plain sentences on the student maps (the `control_table` of the STUDENT arms): each map
+    that beat or lost to the baseline list with an interval excluding 0, then a count."""
+    compared = maps[(maps["arm"] != "ours") & maps["diff_low"].notna()]
+    if compared.empty:
+        return ["Student-layer maps: no map has two or more seeds finished beside ours; nothing to compare yet."]
+    out = []
+    for row in compared.itertuples():
+        if row.diff_high < 0:
+            out.append(f"**Student map {row.arm} beat the baseline list**: {row.sentence}")
+        elif row.diff_low > 0:
+            out.append(f"Student map {row.arm} lost to the baseline list: {row.sentence}")
+    won, lost = int((compared["diff_high"] < 0).sum()), int((compared["diff_low"] > 0).sum())
+    out.append(f"Student-layer maps, with Q's teacher layers fixed: of {len(compared)} maps compared with the student's baseline "
+               f"list, {won} beat it, {lost} lost to it, and {len(compared) - won - lost} differ by less than the "
+               f"{LEVEL * 100:g} % interval can resolve.")
+    return out
 
 
 # ----------------------------------------------------------------------------- findings
@@ -225,7 +255,7 @@ def default_out(cfg: Config) -> Path:
 def run(cfg: Config, out_dir: Path | None = None, *, data: Any = None, n_boot: int = N_BOOTSTRAP, boot_seed: int = 0,
         **plan_options: Any) -> dict[str, Any]:
     """The study report for one config (the one `make study` ran with): finds each arm's runs,
-    writes layer_study.{csv,md}, layer_study_{controls,correlations,runs}.csv and two plots under
+    writes layer_study.{csv,md}, layer_study_{controls,correlations,student_maps,runs}.csv and two plots under
     `out_dir` (default `default_out`). plan_options: `layers`, `random_draws`, `random_seed`,
     as given to the plan. Nothing is trained or profiled here."""
     from common.data.registry import load_data
@@ -236,7 +266,8 @@ def run(cfg: Config, out_dir: Path | None = None, *, data: Any = None, n_boot: i
     layers = layer_results(plan, manifest, runs)
     correlations = correlation_table(layers, runs, n_boot=n_boot, seed=boot_seed)
     controls = control_table(plan, runs)
-    found = findings(layers, correlations, controls, list(manifest.data["top_k"]["Q"]))
+    maps = control_table(plan, runs, (STUDENT,))
+    found = findings(layers, correlations, controls, list(manifest.data["top_k"]["Q"])) + student_map_findings(maps)
     pair = pair_name(cfg.teacher.name, cfg.student.name)
     teacher = run_summary(read_metrics(teacher_dir(cfg, data)))["best_test_acc"]
     ce = list(_accuracies(runs, "ce").values())
@@ -246,15 +277,15 @@ def run(cfg: Config, out_dir: Path | None = None, *, data: Any = None, n_boot: i
     notes = list(plan.notes) + ([f"{len(off)} finished runs ran other layers than planned (the arm's numbers mix "
                                  "two settings): " + "; ".join(off)] if off else [])
     title = f"Layer-selection study: {cfg.teacher.name} → {cfg.student.name} on {cfg.dataset.name} (seeds {', '.join(map(str, cfg.seeds))})"
-    markdown = study_markdown(title, headroom, plan, layers, correlations, controls, found, runs, notes)
+    markdown = study_markdown(title, headroom, plan, layers, correlations, controls, found, runs, notes, maps)
     out_dir = Path(out_dir) if out_dir is not None else default_out(cfg)
     tables = {"layer_study.csv": layers, "layer_study_controls.csv": controls, "layer_study_correlations.csv": correlations,
-              "layer_study_runs.csv": runs}
+              "layer_study_student_maps.csv": maps, "layer_study_runs.csv": runs}
     files = write_files(out_dir, tables, markdown)
     stem = f"layer_study_{safe_filename(cfg.dataset.name)}_{safe_filename(pair)}"
     plots = [plot_criteria(layers, out_dir / "plots" / f"{stem}_criteria.png", title),
              plot_controls(controls, out_dir / "plots" / f"{stem}_controls.png", title)]
-    return dict(plan=plan, runs=runs, layers=layers, correlations=correlations, controls=controls, findings=found,
+    return dict(plan=plan, runs=runs, layers=layers, correlations=correlations, controls=controls, student_maps=maps, findings=found,
                 markdown=markdown, files=files, plots=plots)
 
 
@@ -285,10 +316,13 @@ def add_plan_flags(p: Any) -> None:
     p.add_argument("--layers", default=None, help='only these teacher layers in the single-layer sweep, e.g. --layers "3 7 11" (default: all)')
     p.add_argument("--random-draws", type=int, default=RANDOM_DRAWS, help=f"random k-layer controls (default {RANDOM_DRAWS})")
     p.add_argument("--random-seed", type=int, default=RANDOM_SEED, help=f"seed of the random controls (default {RANDOM_SEED})")
+    p.add_argument("--student-draws", type=int, default=RANDOM_DRAWS,
+                   help=f"random student-layer lists beside ours' teacher layers (default {RANDOM_DRAWS}; 0: none)")
 
 
 def plan_options(args: Any) -> dict[str, Any]:
-    return dict(layers=parse_layers(args.layers), random_draws=args.random_draws, random_seed=args.random_seed)
+    return dict(layers=parse_layers(args.layers), random_draws=args.random_draws, random_seed=args.random_seed,
+                student_draws=args.student_draws)
 
 
 def main() -> int:

@@ -31,8 +31,9 @@ def _ci(low: float, high: float) -> str:
 
 
 def study_markdown(title: str, headroom: str, plan: StudyPlan, layers: pd.DataFrame, correlations: pd.DataFrame,
-                   controls: pd.DataFrame, found: list[str], runs: pd.DataFrame, notes: list[str]) -> str:
-    """layer_study.md: the findings, the three tables, the unfinished runs, notes, how to read it."""
+                   controls: pd.DataFrame, found: list[str], runs: pd.DataFrame, notes: list[str],
+                   student_maps: pd.DataFrame | None = None) -> str:
+    """layer_study.md: the findings, the four tables, the unfinished runs, notes, how to read it."""
     pct = f"{LEVEL * 100:g} %"
     parts = [f"# {title}\n", f"{headroom}\n",
              "Accuracy: best-epoch test accuracy (METHOD 10), mean ± population std over seeds, n = finished seeds.\n",
@@ -47,12 +48,12 @@ def study_markdown(title: str, headroom: str, plan: StudyPlan, layers: pd.DataFr
             for r in correlations.itertuples()]
     parts.append(markdown_table(["criterion", "rho", f"{pct} CI", "layers"], rows))
     parts.append(f"\n## Multi-layer controls vs ours (ours minus control, paired over seeds, {pct} t-interval)\n")
-    rows = [[r.arm, r.label, r.teacher_layers, r.student_layers, _pm(r.acc_mean, r.acc_std), str(r.n),
-             "" if r.arm == "ours" else ("-" if math.isnan(r.diff_mean) else f"{r.diff_mean:+.2f}"),
-             "" if r.arm == "ours" else _ci(r.diff_low, r.diff_high)] for r in controls.itertuples()]
-    parts.append(markdown_table(["arm", "what", "teacher layers", "student layers", "accuracy (%)", "n",
-                                 "ours − arm", f"{pct} CI"], rows))
+    parts.append(_difference_table(controls, pct))
     parts.append("\n" + "\n".join(f"- {s}" for s in controls["sentence"].dropna()) + "\n")
+    if student_maps is not None and len(student_maps) > 1:
+        parts.append(f"\n## Student-layer maps vs ours (Q's teacher layers fixed; ours minus map, paired over seeds, {pct} t-interval)\n")
+        parts.append(_difference_table(student_maps, pct))
+        parts.append("\n" + "\n".join(f"- {s}" for s in student_maps["sentence"].dropna()) + "\n")
     unfinished = runs[runs["status"] != "finished"]
     if not unfinished.empty:
         parts.append("\n## Runs not finished (not averaged)\n")
@@ -62,6 +63,14 @@ def study_markdown(title: str, headroom: str, plan: StudyPlan, layers: pd.DataFr
         parts.append("\n## Notes\n\n" + "\n".join(f"- {s}" for s in notes) + "\n")
     parts.append(_HOW_TO_READ)
     return "\n".join(parts)
+
+
+def _difference_table(table: pd.DataFrame, pct: str) -> str:
+    """A `control_table` (controls or student maps) as Markdown: accuracy and ours minus each arm."""
+    rows = [[r.arm, r.label, r.teacher_layers, r.student_layers or "(after seed 0's ce run)", _pm(r.acc_mean, r.acc_std), str(r.n),
+             "" if r.arm == "ours" else ("-" if math.isnan(r.diff_mean) else f"{r.diff_mean:+.2f}"),
+             "" if r.arm == "ours" else _ci(r.diff_low, r.diff_high)] for r in table.itertuples()]
+    return markdown_table(["arm", "what", "teacher layers", "student layers", "accuracy (%)", "n", "ours − arm", f"{pct} CI"], rows)
 
 
 def _opt(value: Any) -> str:
@@ -77,6 +86,9 @@ _HOW_TO_READ = """
 - rho > 0 means the criterion ranks layers like their transfer value. The interval resamples seeds only: it says how
   sure the ranking is given these runs, not how it would change with another teacher; with 2-3 seeds per layer it
   is optimistic (a resample can only repeat the seeds there are), with one seed it is a single point.
+- A student-map arm keeps ours' teacher layers and changes only the student layers they are distilled into
+  (common/layers/pairing.py); `ours` is the baseline map. `student_q` uses the student's own Q, measured on seed 0's
+  CE student for every seed.
 - "ours − arm" is paired by seed. An interval containing 0 means no difference was detected at this number of
   seeds, not that there is none; with one seed the interval is undefined.
 """
