@@ -387,3 +387,18 @@ def test_stage_1_names_the_setting_that_leaves_out_the_cache(overrides, streamed
     reason = no_cache_reason(cfg, data)
     assert (reason is None) == wants_cache(cfg, data)
     assert reason is None if cause is None else cause in reason
+
+
+def test_writing_a_cache_logs_progress_lines_where_stderr_is_no_terminal(tmp_path: Path, caplog) -> None:
+    """Stage 1's extraction into the cache can take hours on ImageNet; a cluster log sees lines."""
+    import sys
+
+    caplog.set_level("INFO", logger="kd")
+    assert not sys.stderr.isatty()
+    write(tmp_path / "features.h5", make_data(), progress=True, log_interval_s=1e-9)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("features.h5: row ")]
+    assert lines and all(" rows/s, ETA " in line for line in lines)
+    done = [line.split()[2] for line in lines]  # "16/100,"
+    assert all(d.endswith(f"/{N},") for d in done)
+    counts = [int(d.split("/")[0]) for d in done]
+    assert counts == sorted(counts) and 0 < counts[-1] <= N

@@ -382,13 +382,24 @@ def test_the_ce_baseline_does_not_check_profile_settings_it_never_uses(tmp_path)
 
 def test_methods_that_read_no_profile_are_not_refused_over_its_settings(profiled, caplog):
     """kd takes the teacher's logits, no layers: subset A of 1 image per class (refused for ours,
-    above) must not stop it, and it prints no empty layer pairing."""
+    above) must not stop it, and it prints no empty layer pairing. Its log is not a terminal
+    (pytest captures stderr), as on a cluster: progress lines replace the bar there."""
     tmp, *_ = profiled
     caplog.set_level("INFO", logger="kd")
-    cfg = tiny_config(tmp, "method.name=kd", "train.teacher_source=live", "profile.subset_size=10", "train.epochs=1")
+    cfg = tiny_config(
+        tmp, "method.name=kd", "train.teacher_source=live", "profile.subset_size=10", "train.epochs=1",
+        "train.progress=true", "train.log_interval_s=1e-9",
+    )
+    assert not sys.stderr.isatty()
     (result,) = distill.run(cfg, seeds=[0])
     assert (result.dir / "done").exists()
     assert "teacher layers" not in caplog.text
+    lines = [r.getMessage() for r in caplog.records if "kd s0 epoch 1/1: batch" in r.getMessage()]
+    assert [line.split(",")[0] for line in lines] == [f"kd s0 epoch 1/1: batch {i}/6" for i in range(1, 7)]  # 200 images, batches of 32
+    assert all(" img/s, loss " in line and ", ETA " in line for line in lines)
+    # runtime only: the same run with another interval is the finished one
+    (again,) = distill.run(tiny_config(tmp, "method.name=kd", "train.teacher_source=live", "train.epochs=1", "train.log_interval_s=5"), seeds=[0])
+    assert again.skipped and again.dir == result.dir
 
 
 def test_layer_settings_are_refused_before_the_data_is_read(tmp_path, monkeypatch):

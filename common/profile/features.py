@@ -157,6 +157,7 @@ def ensure_features_with(
                             dtype=torch.float32, with_positions=with_logits),
             copy_from=path if extend_only else None,
             progress=cfg.profile.progress,
+            log_interval_s=cfg.profile.log_interval_s,
         )
         log.info(
             "profile: wrote layers %s for %d training images in %.1fs (peak RSS so far %.0f MiB) -> %s",

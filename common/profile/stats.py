@@ -145,6 +145,7 @@ def _write_activations(
         {**{n: "float32" for n in names}, POSITIONS: "int64"},
         extract_batches(teacher, data, subset_a, layers, cfg.profile.batch_size, device, logits=False, dtype=torch.float32, with_positions=True),
         progress=cfg.profile.progress,
+        log_interval_s=cfg.profile.log_interval_s,
     )
     log_step("activations", tic)
 

@@ -40,6 +40,7 @@ from common.train.compiled import compile_errors, compile_training_step
 from common.train.inputs import ImageSource, images_on_device
 from common.train.streamed import eval_batches
 from common.data.stream import FileImages, select
+from common.runtime import IntervalLine
 from common.files import atomic_torch_save, atomic_write, atomic_write_text, atomic_write_yaml
 
 log = logging.getLogger("kd")
@@ -368,6 +369,8 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
     tic = time.perf_counter()
     show = cfg.progress and loop.ranks.is_main
     bar = tqdm(batches, desc=f"{loop.desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True, unit="batch")  # None: off when not a terminal
+    line = IntervalLine(f"{loop.desc} epoch {epoch}/{cfg.epochs}", len(batches), cfg.log_interval_s, show)  # where the bar is off: a log
+    world = loop.ranks.world
     # The images come from the device (resident) or a prefetching thread, always images[idx] of
     # this order, so the path never changes a number.
     # `rows` is `idx` on the device, copied once per step by the image source.
@@ -391,6 +394,8 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
             sums[name] = sums.get(name, 0.0) + value.detach().double()
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(idx)
+        if line.due():  # one host read per line (every log_interval_s), none in between
+            line.step(step + 1, seen * world, lambda: float(sum(sums.values())) / (step + 1))  # noqa: B023 - called at once
         if (step + 1) % NAN_CHECK_EVERY == 0 and step + 1 < len(batches):
             # the bar's loss comes with the flag, in the same read, and only when the bar is shown
             bad_step, shown = bad.read(*([] if bar.disable else [loss]))
