@@ -112,7 +112,7 @@ def check_with_data(cfg: Config, data: Data, needs_teacher: bool = True, reads_p
     _check_batch(data, cfg.train, "train", cfg.dataset.split_seed)
     if not needs_teacher:
         return
-    data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed)
+    data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed, "teacher_train.train_subset")
     if reads_profile:
         _check_profile(cfg, data)
     # Fine-tune or use as it is (teacher.finetune): decided now, so teacher.finetune=false with a
@@ -142,7 +142,7 @@ def _check_profile(cfg: Config, data: Data) -> None:
 def _check_batch(data: Data, train: TrainConfig, section: str, split_seed: int) -> None:
     """The training subset fits the classes and holds at least one batch: checked here, not at
     the first epoch, which for a student comes after the teacher's whole training."""
-    rows = data.training_subset(train.train_subset, split_seed)
+    rows = data.training_subset(train.train_subset, split_seed, f"{section}.train_subset")
     if len(rows) < train.batch_size:
         raise ConfigError(
             f"{len(rows)} training images are fewer than one batch of {train.batch_size}; lower {section}.batch_size or raise {section}.train_subset"

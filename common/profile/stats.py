@@ -48,7 +48,7 @@ def analysis_pool(cfg: Config, data: Data) -> torch.Tensor:
     seeded class-balanced `profile.pool_size` of them (the reference's Tiny ImageNet CNN teachers)."""
     if cfg.profile.pool_size is None:
         return data.train_indices
-    return data.training_subset(cfg.profile.pool_size, cfg.profile.seed)
+    return data.training_subset(cfg.profile.pool_size, cfg.profile.seed, "profile.pool_size")
 
 
 def q_subsets(cfg: Config, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
