@@ -181,8 +181,10 @@ def format_duration(seconds: float) -> str:
 
 
 class IntervalLine:
-    """One log line per `interval_s` over a loop of `total` steps (batches, or rows: `what`), only when `stream` (stderr,
-    where the bar and the log go) is not a terminal and `enabled` (the section's `progress`).
+    """One log line per `interval_s` over a loop of `total` steps (batches, or rows: `what`), only
+    when `stream` (stderr, where the bar and the log go) is not a terminal and `enabled` (False on
+    the ranks of a torchrun job other than 0). Not tied to the bar's `progress` setting: `--quiet`
+    turns the bar off, and a cluster job's log still wants its progress lines.
 
         line = IntervalLine("teacher epoch 3/50", len(batches), cfg.log_interval_s, cfg.progress, unit="img")
         for step, batch in enumerate(batches):

@@ -395,7 +395,7 @@ def test_writing_a_cache_logs_progress_lines_where_stderr_is_no_terminal(tmp_pat
 
     caplog.set_level("INFO", logger="kd")
     assert not sys.stderr.isatty()
-    write(tmp_path / "features.h5", make_data(), progress=True, log_interval_s=1e-9)
+    write(tmp_path / "features.h5", make_data(), log_interval_s=1e-9)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("features.h5: row ")]
     assert lines and all(" rows/s, ETA " in line for line in lines)
     done = [line.split()[2] for line in lines]  # "16/100,"

@@ -388,7 +388,7 @@ def test_methods_that_read_no_profile_are_not_refused_over_its_settings(profiled
     caplog.set_level("INFO", logger="kd")
     cfg = tiny_config(
         tmp, "method.name=kd", "train.teacher_source=live", "profile.subset_size=10", "train.epochs=1",
-        "train.progress=true", "train.log_interval_s=1e-9",
+        "train.log_interval_s=1e-9",  # train.progress=false (--quiet) as in tiny_config: the bar only
     )
     assert not sys.stderr.isatty()
     (result,) = distill.run(cfg, seeds=[0])

@@ -38,7 +38,7 @@ def test_a_line_every_interval_with_speed_loss_and_eta(caplog):
 
 @pytest.mark.parametrize(("stream", "enabled", "interval"), [(_Terminal(), True, 1.0), (io.StringIO(), False, 1.0), (io.StringIO(), True, 0.0)])
 def test_no_line_on_a_terminal_with_progress_off_or_interval_zero(stream, enabled, interval):
-    """A terminal has the bar; --quiet (progress=false) and log_interval_s=0 turn lines off."""
+    """A terminal has the bar; lines are off on torchrun's other ranks and with log_interval_s=0."""
     clock = _Clock()
     line = IntervalLine("x", 10, interval, enabled, stream=stream, clock=clock)
     clock.now += 1000

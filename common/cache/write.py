@@ -103,7 +103,8 @@ def write_h5(
     (extends a cache with more layers without recomputing the old ones; may equal `path`).
     chunk_rows: None (default) stores datasets contiguous, which is what makes random-row
     gathers fast; an int stores them chunked by that many rows.
-    progress: a bar on a terminal, and a line every `log_interval_s` seconds elsewhere (common/runtime.py: IntervalLine).
+    progress: a bar on a terminal; log_interval_s: a line every that many seconds where stderr is no
+    terminal, 0: none (common/runtime.py: IntervalLine).
     """
     path = Path(path)
     if set(dtypes) != set(shapes):
@@ -170,7 +171,7 @@ def _stream_rows(
     start = 0
     written = 0
     pending: deque[Future[int]] = deque()
-    line = IntervalLine(path.name, n, log_interval_s, progress, unit="rows", what="row")
+    line = IntervalLine(path.name, n, log_interval_s, unit="rows", what="row")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=WRITER_THREAD) as writer, \
             tqdm(total=n, unit="rows", desc=path.name, disable=None if progress else True) as bar:  # None: off when not a terminal
         try:

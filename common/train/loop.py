@@ -381,7 +381,9 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
     tic = time.perf_counter()
     show = cfg.progress and loop.ranks.is_main
     bar = tqdm(batches, desc=f"{loop.desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True, unit="batch")  # None: off when not a terminal
-    line = IntervalLine(f"{loop.desc} epoch {epoch}/{cfg.epochs}", len(batches), cfg.log_interval_s, show)  # where the bar is off: a log
+    # where stderr is no terminal (a cluster log) a line every log_interval_s, also under --quiet,
+    # which turns off the bar: a job's log is where its progress is read
+    line = IntervalLine(f"{loop.desc} epoch {epoch}/{cfg.epochs}", len(batches), cfg.log_interval_s, loop.ranks.is_main)
     world = loop.ranks.world
     # The images come from the device (resident) or a prefetching thread, always images[idx] of
     # this order, so the path never changes a number.
