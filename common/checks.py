@@ -6,10 +6,14 @@ file is written, so that a bad input costs seconds and leaves the artifacts tree
 Each check lives where its subject does; this module only runs them in order, cheap first:
 `common.config.validate_config` (ranges), `common.artifacts.layout.check_writable` (the artifacts
 path), the model, dataset and method names (`common.profile.teacher.check_names`, the registries), the
-devices, `common.data.registry.load_data` (data errors), then the layer counts of an untrained teacher
-and student, `common.profile.runner.validate`, the training and analysis subsets, and whether a teacher
-checkpoint is fine-tuned or used as it is (`common.profile.teacher.teacher_as_is`). Stage 2's layer
-pairing is checked by `common.distill.check_layer_lists`, before the profile is read or built.
+devices; then, where the dataset's registry entry knows its shape (`shape_before_data`), the layer
+counts of an untrained teacher and student, `common.profile.runner.validate` and stage 2's layer
+pairing (`common.distill.check_layer_lists`), so that they do not wait for the data; then
+`common.data.registry.load_data` (data errors), the same layer checks on the data, the training
+subsets against the classes and a batch, the analysis subsets, and whether a teacher checkpoint is
+fine-tuned or used as it is (`common.profile.teacher.teacher_as_is`). Settings a run never reads
+are left out: a method without a teacher (ce) skips the teacher's, one that takes no layers from
+the profile (`MethodSpec.reads_profile`: kd, dkd, the baselines' layers) the profile's.
 """
 from __future__ import annotations
 
