@@ -131,7 +131,7 @@ class ProfileConfig:
     cache_dtype: str = "float16"  # dtype of the feature cache (float16 | float32)
     device: str = "auto"
     progress: bool = True
-    log_interval_s: float = 60.0  # seconds between the feature cache's progress lines when stderr is not a terminal; 0: none
+    log_interval_s: float = 60.0  # seconds between stage 1's progress lines (S/I/E/Q, the cache) when stderr is not a terminal; 0: none
 
 
 def _override_type(spec_type: Any) -> Any:

@@ -181,7 +181,8 @@ def format_duration(seconds: float) -> str:
 
 
 class IntervalLine:
-    """One log line per `interval_s` over a loop of `total` steps (batches, or rows: `what`), only
+    """One log line per `interval_s` over a loop of `total` steps (batches, or rows: `what`; 0: not
+    known ahead, then the line gives the time so far instead of an ETA), only
     when `stream` (stderr, where the bar and the log go) is not a terminal and `enabled` (False on
     the ranks of a torchrun job other than 0). Not tied to the bar's `progress` setting: `--quiet`
     turns the bar off, and a cluster job's log still wants its progress lines.
@@ -217,10 +218,11 @@ class IntervalLine:
         self.next_at = now + self.interval_s
         elapsed = max(now - self.start, 1e-9)
         eta = elapsed / max(done, 1) * (self.total - done)
-        parts = [f"{self.desc}: {self.what} {done}/{self.total}", f"{items / elapsed:.0f} {self.unit}/s"]
+        counted = f"{self.what} {done}/{self.total}" if self.total else f"{self.what} {done}"
+        parts = [f"{self.desc}: {counted}", f"{items / elapsed:.0f} {self.unit}/s"]
         if loss is not None:
             parts.append(f"loss {loss():.4f}")
-        parts.append(f"ETA {format_duration(eta)}")
+        parts.append(f"ETA {format_duration(eta)}" if self.total else f"{format_duration(elapsed)} so far")
         line = ", ".join(parts)
         log.info(line)
         return line

@@ -47,3 +47,11 @@ def test_no_line_on_a_terminal_with_progress_off_or_interval_zero(stream, enable
 
 def test_durations_read_at_a_glance():
     assert [format_duration(s) for s in (0, 42.4, 312, 3720, 90000)] == ["0s", "42s", "5m12s", "1h02m", "25h00m"]
+
+
+def test_a_loop_without_a_known_total_gives_the_time_so_far(caplog):
+    """Stage 1's S/I/E/Q passes are planned inside the stream: no total, so no ETA."""
+    clock = _Clock()
+    line = IntervalLine("profile S/I/E/Q", 0, 60.0, unit="img", what="images forwarded", stream=io.StringIO(), clock=clock)
+    clock.now += 90
+    assert line.step(4500, 4500) == "profile S/I/E/Q: images forwarded 4500, 50 img/s, 1m30s so far"

@@ -289,9 +289,11 @@ def test_a_bad_file_dealt_with_by_skip_keeps_finished_work_and_is_counted_per_sp
     evaluated = (tdir / "metrics.csv").stat().st_mtime_ns
     assert (tdir / "done").exists()
 
-    skip = load_config(None, [*common, "dataset.bad_images=skip"])
+    skip = load_config(None, [*common, "dataset.bad_images=skip", "profile.log_interval_s=1e-9"])  # stderr is no terminal here
+    caplog.set_level("INFO", logger="kd")
     prof = profile.run(skip, load_data(skip.dataset))
     assert prof.dir.parent == tdir and (tdir / "metrics.csv").stat().st_mtime_ns == evaluated  # found, not evaluated again
+    assert any(r.getMessage().startswith("profile S/I/E/Q: images forwarded ") for r in caplog.records)  # progress lines, runtime only
 
     bad_test = sorted((root / "val" / WNIDS[2]).iterdir())[0]
     bad_test.write_bytes(b"\0" * bad_test.stat().st_size)  # damaged in place: same index, same keys
