@@ -23,6 +23,7 @@ def body() -> int:
     from common.checks import load_data_checked
     from common.data.registry import load_data
     from common.layers.tables import list_layers
+    from common.profile.features import no_cache_reason
     from common.profile.runner import run
     from common.profile.teacher import ensure_teacher
 
@@ -38,7 +39,7 @@ def body() -> int:
     print(profile.quality[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"selected teacher layers: {profile.selected}")
     print(f"profile: {profile.dir / 'profile.yaml'}")
-    print(f"feature cache: {profile.features or 'none (streamed dataset: students use the live teacher)'}")
+    print(f"feature cache: {profile.features or f'none ({no_cache_reason(cfg, data)}): students use the live teacher'}")
     return 0
 
 

@@ -2,7 +2,8 @@
 """Stage 3: accuracy and epochs-to-target tables and plots over every finished run.
 
 Writes <out>/accuracy.{csv,md,tex}, headroom.csv, epochs_to_target.{csv,md}, unfinished.{csv,md},
-export.{csv,md} and export_runs.csv (once `make export` has run), PNG plots and report.html (all of them, and any layer-study report below <out>, in one offline
+export.{csv,md} and export_runs.csv (once `make export` has run), replaced_images.md (when a run
+replaced undecodable files: dataset.bad_images=skip), PNG plots and report.html (all of them, and any layer-study report below <out>, in one offline
 page), and prints the Markdown tables. Unfinished or failed runs are listed, never averaged in.
 
 With --study: the layer-selection study's report instead (common/study/runner.py), for the config the

@@ -108,6 +108,9 @@ class TrainConfig:
     # it yet. Never part of the run key, like the device.
     compile: Union[bool, str] = "auto"
     progress: bool = True
+    # seconds between progress lines when stderr is not a terminal (a cluster log: the bar is off
+    # there); 0: none. Runtime only (common/runtime.py: IntervalLine)
+    log_interval_s: float = 60.0
     tracker: str = "tensorboard"  # tensorboard (event files in the run's tb/) | wandb | trackio | none
 
 
@@ -131,6 +134,7 @@ class ProfileConfig:
     train_student_ce: bool = True
     device: str = "auto"
     progress: bool = True
+    log_interval_s: float = 60.0  # seconds between stage 1's progress lines (S/I/E/Q, the cache) when stderr is not a terminal; 0: none
 
 
 def _override_type(spec_type: Any) -> Any:
@@ -457,6 +461,7 @@ def _check_train(where: str, t: TrainConfig) -> None:
     _positive_int(f"{where}.epochs", t.epochs)
     _positive_int(f"{where}.batch_size", t.batch_size)
     _positive_int(f"{where}.eval_batch_size", t.eval_batch_size)
+    _finite(f"{where}.log_interval_s", t.log_interval_s, 0, strict=False, hint=" (seconds; 0: no progress lines)")
     if t.lr is not None:
         _finite(f"{where}.lr", t.lr, 0.0, strict=True, hint=", e.g. 0.01, or leave it empty for the model's reference LR")
     _finite(f"{where}.weight_decay", t.weight_decay, 0.0, strict=False)
@@ -503,6 +508,7 @@ def _check_train(where: str, t: TrainConfig) -> None:
 
 def _check_profile(p: ProfileConfig) -> None:
     _positive_int("profile.k", p.k, " (the number of teacher layers to select)")
+    _finite("profile.log_interval_s", p.log_interval_s, 0, strict=False, hint=" (seconds; 0: no progress lines)")
     # profile.layers: None means "the top-k by profile.criterion". An empty list would do the same
     # while hashing to a profile directory of its own, and most likely stands for a list the
     # user meant to fill in, so it is refused. Order is free (the selection is stored sorted);

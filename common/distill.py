@@ -28,7 +28,7 @@ from common.method_spec import MethodSpec, hashed_fields
 from common.methods import build_distiller, resolve_run_method
 from common.models import MODELS, create_model
 from common.profile import runner as profile
-from common.layers.tables import layer_shapes, layer_infos_for
+from common.layers.tables import DataShape, layer_shapes, layer_infos_for
 from common.profile.features import ensure_features, rebuild_hint, wants_cache
 from common.profile import student as student_profile
 from common.profile.manifest import Manifest
@@ -101,7 +101,7 @@ def run_dirs(cfg: Config, data: Data, spec: MethodSpec, teacher_layers: list[int
     return {s: artifacts.run_dir(cfg, data, method, use, s) for s in seeds}
 
 
-def check_layer_lists(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[int] | str, list[int] | str]:
+def check_layer_lists(cfg: Config, spec: MethodSpec, data: DataShape) -> tuple[list[int] | str, list[int] | str]:
     """The layer lists of `resolve_layer_lists`, checked without reading or building the profile:
     indices in range and listed once, as many teacher as student layers for a one-to-one mapping,
     enough student layers for a student map, and for "Q" a CE student to profile.
@@ -123,7 +123,7 @@ def check_layer_lists(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[i
     else:
         student_layers = resolve_layers(spec.student_layers, n_student, "student layer")
         _once("method.student_layers", spec.student_layers, student_layers)
-    from_profile = isinstance(spec.teacher_layers, str) and spec.teacher_layers != "baseline"
+    from_profile = spec.reads_profile
     teacher_layers: list[int] = []
     if spec.teacher_layers == "baseline":
         teacher_layers = list(MODELS.get(cfg.teacher.name).baseline_layers)
@@ -149,7 +149,7 @@ def check_layer_lists(cfg: Config, spec: MethodSpec, data: Data) -> tuple[list[i
                 f"method.student_layers=Q pairs the student's top-{n_mapped} by Q (profile.k) with teacher layers {shown}; "
                 "give as many teacher layers as profile.k"
             )
-        if spec.student_layers == "Q":
+        if spec.student_layers == "Q" and isinstance(data, Data):  # the ce run's key needs the data, not only its shape
             student_profile.check_available(cfg, data)
     elif spec.mapping == "one2one" and n_pairs != len(student_layers):
         raise ConfigError(
@@ -177,12 +177,15 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     each run's lock and decides skip / restart for all, every rank trains its shard, rank 0 writes.
     """
     seeds = list(seeds if seeds is not None else cfg.seeds)
-    # the method first: a run without a teacher (ce) does not check the profile's settings
-    data = load_data_checked(cfg, data, needs_teacher=resolve_run_method(cfg).needs_teacher)
+    # the method first: a run that reads no teacher (ce) or no profile (kd) is not refused over their settings
+    method = resolve_run_method(cfg)
+    # the layer lists need only the dataset's shape: checked before its files are read where that is known
+    layers_first = (lambda shape: check_layer_lists(cfg, method, shape)) if method.needs_teacher else None
+    data = load_data_checked(cfg, data, needs_teacher=method.needs_teacher, reads_profile=method.reads_profile, before_data=layers_first)
     distributed.local_batch_size(cfg.train.batch_size, ranks)  # a batch that does not split is a config error, checked first
     device = distributed.device_for(ranks, resolve_device(cfg.train.device))
     distributed.init(ranks, device)
-    spec = resolve_run_method(cfg)
+    spec = method
     needs_teacher = spec.needs_teacher
     teacher_layers: list[int] = []
     student_layers: list[int] = []
@@ -201,7 +204,8 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
         ensure_teacher(cfg, data)
         all_shapes = layer_shapes(cfg, data)
         teacher_shapes = {i: all_shapes[i] for i in teacher_layers}
-        log.info("distill %s: teacher layers %s -> student layers %s", spec.name, teacher_layers, student_layers)
+        if teacher_layers or student_layers:  # kd, dkd: no layer pairs, nothing to say
+            log.info("distill %s: teacher layers %s -> student layers %s", spec.name, teacher_layers, student_layers)
 
     source = _teacher_source(cfg, data, spec, teacher_layers, device, ranks) if needs_teacher else None
     teacher_model = load_teacher(cfg, data, device)[0] if spec.needs_teacher_model else None

@@ -67,6 +67,14 @@ class MethodSpec:
         return self.teacher_head
 
     @property
+    def reads_profile(self) -> bool:
+        """Whether stage 2 reads stage 1's profile: teacher layers named by a profile word
+        (`selected`, a criterion). A method without teacher layers (ce, kd, dkd), or with the
+        baseline's or an explicit list, never does, so the profile's settings are not checked for it."""
+        uses_layers = self.needs_teacher_features or self.needs_teacher_model
+        return uses_layers and isinstance(self.teacher_layers, str) and self.teacher_layers != "baseline"
+
+    @property
     def needs_teacher(self) -> bool:
         """Any knowledge from the teacher; a method without it is the CE student baseline
         (METHOD 8.7: it trains at the model's CE learning rate, every other method at the KD one)."""

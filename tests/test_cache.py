@@ -362,3 +362,43 @@ def test_batch_order_does_not_depend_on_free_memory(tmp_path: Path) -> None:
             assert source.from_disk == (ram == 0)
             orders.append(torch.cat(source.batch_order(torch.arange(N), 8, torch.Generator().manual_seed(5))))
     assert torch.equal(orders[0], orders[1])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "streamed", "cause"),
+    [
+        (["train.augment=true"], False, "train.augment=true"),
+        (["train.augment=true"], True, "train.augment=true"),
+        ([], True, "is streamed"),
+        (["train.teacher_source=live"], False, "train.teacher_source=live"),
+        ([], False, None),
+        (["train.teacher_source=cache"], True, None),
+    ],
+)
+def test_stage_1_names_the_setting_that_leaves_out_the_cache(overrides, streamed, cause):
+    """Stage 1 said 'no feature cache for streamed cifar100' when train.augment=true was the cause."""
+    from types import SimpleNamespace
+
+    from common.config import load_config
+    from common.profile.features import no_cache_reason, wants_cache
+
+    cfg = load_config(None, ["train.epochs=1", *overrides])
+    data = SimpleNamespace(name="cifar100", streamed=streamed)
+    reason = no_cache_reason(cfg, data)
+    assert (reason is None) == wants_cache(cfg, data)
+    assert reason is None if cause is None else cause in reason
+
+
+def test_writing_a_cache_logs_progress_lines_where_stderr_is_no_terminal(tmp_path: Path, caplog) -> None:
+    """Stage 1's extraction into the cache can take hours on ImageNet; a cluster log sees lines."""
+    import sys
+
+    caplog.set_level("INFO", logger="kd")
+    assert not sys.stderr.isatty()
+    write(tmp_path / "features.h5", make_data(), log_interval_s=1e-9)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("features.h5: row ")]
+    assert lines and all(" rows/s, ETA " in line for line in lines)
+    done = [line.split()[2] for line in lines]  # "16/100,"
+    assert all(d.endswith(f"/{N},") for d in done)
+    counts = [int(d.split("/")[0]) for d in done]
+    assert counts == sorted(counts) and 0 < counts[-1] <= N

@@ -378,3 +378,56 @@ def test_the_ce_baseline_does_not_check_profile_settings_it_never_uses(tmp_path)
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("teacher.pt"))
     (result,) = distill.run(tiny_config(tmp_path, "method.name=ce", *bad_profile), seeds=[0])
     assert (result.dir / "done").exists()
+
+
+def test_methods_that_read_no_profile_are_not_refused_over_its_settings(profiled, caplog):
+    """kd takes the teacher's logits, no layers: subset A of 1 image per class (refused for ours,
+    above) must not stop it, and it prints no empty layer pairing. Its log is not a terminal
+    (pytest captures stderr), as on a cluster: progress lines replace the bar there."""
+    tmp, *_ = profiled
+    caplog.set_level("INFO", logger="kd")
+    cfg = tiny_config(
+        tmp, "method.name=kd", "train.teacher_source=live", "profile.subset_size=10", "train.epochs=1",
+        "train.log_interval_s=1e-9",  # train.progress=false (--quiet) as in tiny_config: the bar only
+    )
+    assert not sys.stderr.isatty()
+    (result,) = distill.run(cfg, seeds=[0])
+    assert (result.dir / "done").exists()
+    assert "teacher layers" not in caplog.text
+    lines = [r.getMessage() for r in caplog.records if "kd s0 epoch 1/1: batch" in r.getMessage()]
+    assert [line.split(",")[0] for line in lines] == [f"kd s0 epoch 1/1: batch {i}/6" for i in range(1, 7)]  # 200 images, batches of 32
+    assert all(" img/s, loss " in line and ", ETA " in line for line in lines)
+    # runtime only: the same run with another interval is the finished one
+    (again,) = distill.run(tiny_config(tmp, "method.name=kd", "train.teacher_source=live", "train.epochs=1", "train.log_interval_s=5"), seeds=[0])
+    assert again.skipped and again.dir == result.dir
+
+
+def test_layer_settings_are_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    """profile.k and the layer lists need only the dataset's shape, which fashion_mnist's registry
+    entry knows: their errors must not wait for the files (ImageNet's listing takes minutes)."""
+    cfg_k, cfg_layers = (tiny_config(tmp_path, extra) for extra in ("profile.k=99", "method.teacher_layers=[99]"))
+
+    def no_data(*_args):
+        raise AssertionError("the data was read before the config was checked")
+
+    monkeypatch.setattr("common.checks.load_data", no_data)
+    with pytest.raises(ConfigError, match="profile.k=99"):
+        distill.run(cfg_k, seeds=[0])
+    with pytest.raises(ConfigError, match="teacher layer"):
+        distill.run(cfg_layers, seeds=[0])
+    with pytest.raises(ConfigError, match="profile.k=99"):
+        profile_checks(cfg_k)
+
+
+def profile_checks(cfg: Config) -> None:
+    from common.checks import load_data_checked
+
+    load_data_checked(cfg)
+
+
+def test_a_batch_larger_than_the_training_subset_is_refused_before_any_training(tmp_path):
+    """It was found at the student's first epoch, after the teacher's whole training."""
+    cfg = tiny_config(tmp_path, "method.name=kd", "train.train_subset=20")
+    with pytest.raises(ConfigError, match="lower train.batch_size or raise train.train_subset"):
+        distill.run(cfg, seeds=[0])
+    assert not any((tmp_path / "artifacts").rglob("*.pt"))

@@ -138,7 +138,8 @@ def test_an_undecodable_file_is_an_error_naming_it_or_is_skipped_and_counted(ima
     assert str(victim) in str(exc.value) and "dataset.bad_images=skip" in str(exc.value)
 
     skipping = load_data(streamed(root, bad_images="skip"))
-    assert skipping.fingerprint != data.fingerprint  # what the run reads differs
+    # the same key: an artifact finished under `error` read no bad file, so `skip` finds it again
+    assert skipping.fingerprint == data.fingerprint
     images = skipping.train.images
     got = images[torch.tensor([position])][0]
     assert torch.equal(got, images[position + 1])  # the next image of the same class stands in
@@ -266,3 +267,56 @@ def test_a_corrupt_training_jpeg_stops_stage_2_with_one_error_line_naming_it(ima
     args = [a for a in stream_overrides(root, tmp_path, "method.name=ce", "train.epochs=1") if not a.startswith("train.progress")]
     line = one_error_line(run_stage("s2", args))
     assert str(victim) in line and "remove or replace the file" in line
+
+
+def test_a_bad_file_dealt_with_by_skip_keeps_finished_work_and_is_counted_per_split(imagenet, as_is_teacher, tmp_path, caplog):
+    """A truncated training JPEG stops stage 1 after the as-is teacher was evaluated. With
+    dataset.bad_images=skip the same teacher directory is found (not evaluated again) and the
+    profile finishes. A test file damaged later (in place: same name and size) is replaced at
+    every evaluation, counted per split and epoch in metrics.csv and in stage 3's report, and
+    warned about once."""
+    root = tmp_path / "bad"
+    shutil.copytree(imagenet, root)
+    bad_train = sorted((root / "train" / WNIDS[0]).iterdir())[3]
+    bad_train.write_bytes(bad_train.read_bytes()[: bad_train.stat().st_size // 2])
+    common = stream_overrides(  # subset B: every training image (8 per class)
+        root, tmp_path, f"teacher.pretrained={as_is_teacher}", "train.augment=false", "train.batch_size=6", "profile.per_class_cap=8"
+    )
+    cfg = load_config(None, common)
+    with pytest.raises(DataError, match="bad_images=skip"):
+        profile.run(cfg, load_data(cfg.dataset))
+    tdir = next((tmp_path / "artifacts" / "imagenet").glob("tv:resnet18-*"))
+    evaluated = (tdir / "metrics.csv").stat().st_mtime_ns
+    assert (tdir / "done").exists()
+
+    skip = load_config(None, [*common, "dataset.bad_images=skip", "profile.log_interval_s=1e-9"])  # stderr is no terminal here
+    caplog.set_level("INFO", logger="kd")
+    prof = profile.run(skip, load_data(skip.dataset))
+    assert prof.dir.parent == tdir and (tdir / "metrics.csv").stat().st_mtime_ns == evaluated  # found, not evaluated again
+    assert any(r.getMessage().startswith("profile S/I/E/Q: images forwarded ") for r in caplog.records)  # progress lines, runtime only
+
+    bad_test = sorted((root / "val" / WNIDS[2]).iterdir())[0]
+    bad_test.write_bytes(b"\0" * bad_test.stat().st_size)  # damaged in place: same index, same keys
+    caplog.clear()  # stage 1 warned about the training file in its own process
+    (run,) = distill.run(load_config(None, [*common, "dataset.bad_images=skip", "method.name=kd"]), seeds=[0])
+    metrics = pd.read_csv(run.dir / "metrics.csv")
+    assert list(metrics["skipped_train"]) == [1, 1] and list(metrics["skipped_test"]) == [1, 1]  # 24 rows, 4 batches of 6: all read
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: skipped")]
+    assert sorted(warned) == sorted(f"data: skipped {f} (cannot decode it; dataset.bad_images=skip), using the next image of its class" for f in (bad_train, bad_test))
+    out = report.run(Path(skip.artifacts), tmp_path / "reports")
+    assert "replaced_images" in out["markdown"] and "| imagenet | student |" in out["markdown"]["replaced_images"]
+    assert (tmp_path / "reports" / "replaced_images.md").is_file()
+
+
+@pytest.mark.parametrize("config", ["imagenet.yaml", "imagenet_kd_benchmark.yaml"])
+def test_the_imagenet_configs_on_a_small_folder_name_the_setting_that_does_not_fit(imagenet, tmp_path, config):
+    """An Imagenette-size folder (10 classes x ~1 000 images) cannot give profile.pool_size=50000's
+    5 000 images per class; the same holds at test size (3 classes x 8, batches lowered to fit),
+    and the error names profile.pool_size, not the training subsets it used to name."""
+    from common.checks import load_data_checked
+
+    small = [f"dataset.root={imagenet}", f"artifacts={tmp_path}", f"dataset.image_size={SIZE}", "train.batch_size=6", "teacher_train.batch_size=6"]
+    cfg = load_config(ROOT / "configs" / config, small)
+    with pytest.raises(ConfigError, match=r"^profile.pool_size=50000 asks for 16666 images per class.*set profile.pool_size between 3 and 24"):
+        load_data_checked(cfg)
+    assert not (tmp_path / "imagenet").exists()  # nothing written

@@ -32,12 +32,14 @@ from common.files import lock_held
 RUN_COLUMNS = [
     "dataset", "teacher", "student", "pair", "method", "variant", "seed", "status", "error",
     "teacher_id", "best_test_acc", "best_epoch", "last_test_acc", "test_at_best_val", "epochs",
-    "total_time_s", "regime", "teacher_layers", "path",
+    "total_time_s", "regime", "teacher_layers", "path", "skipped_train", "skipped_val", "skipped_test",
 ]
 TEACHER_COLUMNS = [
     "dataset", "teacher", "teacher_id", "variant", "status", "error", "path", "best_test_acc",
-    "best_epoch", "last_test_acc", "test_at_best_val", "epochs", "total_time_s",
+    "best_epoch", "last_test_acc", "test_at_best_val", "epochs", "total_time_s", "skipped_train", "skipped_val", "skipped_test",
 ]
+# metrics.csv's counts of undecodable files replaced per split and epoch (dataset.bad_images=skip)
+SKIPPED_SPLITS = ("train", "val", "test")
 
 # Settings of a run that do not define its training regime; ignored when matching a method to
 # its CE baseline. `lr` is ignored on purpose: the reference gives KD students another peak LR
@@ -127,7 +129,7 @@ def run_summary(metrics: pd.DataFrame | None) -> dict[str, float]:
     nan = float("nan")
     if metrics is None or metrics.empty or "test_acc" not in metrics or "epoch" not in metrics:
         return dict(best_test_acc=nan, best_epoch=nan, last_test_acc=nan, test_at_best_val=nan,
-                    epochs=0, total_time_s=nan)
+                    epochs=0, total_time_s=nan, **skipped_counts(metrics))
     test = metrics["test_acc"].astype(float)
     best_row = int(np.nanargmax(test.to_numpy())) if test.notna().any() else None
     val = metrics["val_acc"].astype(float) if "val_acc" in metrics else None
@@ -147,7 +149,19 @@ def run_summary(metrics: pd.DataFrame | None) -> dict[str, float]:
         test_at_best_val=at_best_val,
         epochs=int(metrics["epoch"].max()),
         total_time_s=total_time,
+        **skipped_counts(metrics),
     )
+
+
+def skipped_counts(metrics: pd.DataFrame | None) -> dict[str, int]:
+    """skipped_<split>: the most undecodable files replaced in one epoch of that split (a split is
+    read whole each epoch, so this is how many of its files were replaced); 0 without the column."""
+    out = {}
+    for split in SKIPPED_SPLITS:
+        column = f"skipped_{split}"
+        values = metrics[column] if metrics is not None and column in metrics else None
+        out[column] = int(values.max()) if values is not None and values.notna().any() else 0
+    return out
 
 
 def run_status(run_dir: Path) -> tuple[str, str]:

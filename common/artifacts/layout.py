@@ -100,7 +100,7 @@ def mark_failed(run_dir: Path, exc: BaseException) -> None:
 
 # Settings that never change what a run produces, or change it only as another device does: the
 # same arithmetic in another float order (`compile` fuses kernels; `device` itself is here).
-_RUNTIME_ONLY = ("progress", "device", "eval_batch_size", "teacher_source", "seed", "tracker", "input_path", "compile")
+_RUNTIME_ONLY = ("progress", "log_interval_s", "device", "eval_batch_size", "teacher_source", "seed", "tracker", "input_path", "compile")
 
 
 # Settings read only by one optimizer or one schedule: left out of the key of the others.

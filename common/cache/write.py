@@ -24,6 +24,7 @@ from tqdm import tqdm
 from common.cache.reader import CHECKSUM, FORMAT_VERSION, FeatureCache
 from common.errors import CacheError
 from common.files import atomic_write
+from common.runtime import IntervalLine
 
 # Cast batches in the writer thread's hands (queued or being written) while the next batch is
 # computed: bounds the writer's memory at this many batches in the cache dtype. Measured by
@@ -85,6 +86,7 @@ def write_h5(
     copy_from: Path | None = None,
     chunk_rows: int | None = None,
     progress: bool = False,
+    log_interval_s: float = 0.0,
 ) -> None:
     """Stream `batches` into a new cache at `path`, atomically (METHOD 0 item 9).
 
@@ -101,6 +103,8 @@ def write_h5(
     (extends a cache with more layers without recomputing the old ones; may equal `path`).
     chunk_rows: None (default) stores datasets contiguous, which is what makes random-row
     gathers fast; an int stores them chunked by that many rows.
+    progress: a bar on a terminal; log_interval_s: a line every that many seconds where stderr is no
+    terminal, 0: none (common/runtime.py: IntervalLine).
     """
     path = Path(path)
     if set(dtypes) != set(shapes):
@@ -116,7 +120,7 @@ def write_h5(
             for name, shape in shapes.items():
                 chunks = (min(chunk_rows, n), *shape) if chunk_rows and n > 0 else None
                 datasets[name] = out.create_dataset(name, (n, *shape), dtype=np.dtype(dtypes[name]), chunks=chunks)
-            for name, crc in _stream_rows(path, datasets, n, batches, progress).items():
+            for name, crc in _stream_rows(path, datasets, n, batches, progress, log_interval_s).items():
                 datasets[name].attrs[CHECKSUM] = crc
             out.attrs["meta"] = json.dumps(meta, default=str, sort_keys=True)
             out.attrs["n"] = n
@@ -143,6 +147,7 @@ def _stream_rows(
     n: int,
     batches: Iterable[dict[str, torch.Tensor | np.ndarray]],
     progress: bool,
+    log_interval_s: float = 0.0,
 ) -> dict[str, int]:
     """Write the rows in order; returns each dataset's CRC-32 (rows arrive in file order, so the
     running CRC over the written bytes is the CRC of the whole dataset).
@@ -164,7 +169,9 @@ def _stream_rows(
         return count
 
     start = 0
+    written = 0
     pending: deque[Future[int]] = deque()
+    line = IntervalLine(path.name, n, log_interval_s, unit="rows", what="row")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=WRITER_THREAD) as writer, \
             tqdm(total=n, unit="rows", desc=path.name, disable=None if progress else True) as bar:  # None: off when not a terminal
         try:
@@ -173,15 +180,23 @@ def _stream_rows(
                 pending.append(writer.submit(write, rows, start, count))
                 start += count
                 while pending and (len(pending) > WRITE_QUEUE_DEPTH or pending[0].done()):
-                    bar.update(pending.popleft().result())  # re-raises the writer's error
+                    written += _written(bar, pending.popleft())
+                line.step(written, written)
             while pending:
-                bar.update(pending.popleft().result())
+                written += _written(bar, pending.popleft())
         finally:
             for future in pending:
                 future.cancel()
     if start != n:
         raise ValueError(f"batches yielded {start} rows, expected n={n}")
     return crcs
+
+
+def _written(bar: tqdm, future: Future[int]) -> int:
+    """The rows a finished write wrote, counted on the bar; re-raises the writer's error."""
+    count = future.result()
+    bar.update(count)
+    return count
 
 
 def _batch_rows(

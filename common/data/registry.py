@@ -95,9 +95,10 @@ class Data:
             self._affine[key] = (scale, shift)
         return self._affine[key]
 
-    def training_subset(self, n: int | None, seed: int) -> torch.Tensor:
+    def training_subset(self, n: int | None, seed: int, key: str = "train.train_subset") -> torch.Tensor:
         """Seeded class-balanced subset of `train_indices`: floor(n / C) per class, so
-        floor(n / C) * C positions, sorted. None = all of `train_indices`.
+        floor(n / C) * C positions, sorted. None = all of `train_indices`. `key` is the setting
+        `n` came from, which an impossible `n`'s error names.
 
         Subsets with the same seed are nested: a smaller n picks a prefix of each class's draw.
         """
@@ -107,9 +108,9 @@ class Data:
         counts = class_counts(self.train.labels, self.num_classes, self.train_indices)
         if per_class < 1 or per_class > int(counts.min()):
             raise ConfigError(
-                f"training subset of {n} images ({per_class} per class) is impossible for {self.name}: "
-                f"needs 1..{int(counts.min())} per class of {self.num_classes} classes; "
-                f"set train_subset (train.* or teacher_train.*) between {self.num_classes} and {int(counts.min()) * self.num_classes}"
+                f"{key}={n} asks for {per_class} images per class, impossible for {self.name}: its training split has "
+                f"{int(counts.min())} in its smallest class of {self.num_classes}; set {key} between {self.num_classes} and "
+                f"{int(counts.min()) * self.num_classes}, or leave it empty for the whole training split"
             )
         return balanced_subset(self.train.labels, per_class, seed, pool=self.train_indices)
 

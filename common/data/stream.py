@@ -23,7 +23,10 @@ square image goes through the streamed and the in-RAM path to the same pixels.
 
 A file that cannot be decoded is an error naming it, or, with `dataset.bad_images=skip`, is
 replaced by the next decodable image of the same class in the index (so labels and batch shapes
-never change) and counted (`FileImages.skipped`, logged once per file).
+never change), warned about once per file (`FileImages.skipped`, one record per split) and
+counted per split and epoch in the run's metrics.csv (`skipped_train`, `skipped_val`,
+`skipped_test`). Images are decoded as PIL reads them: EXIF orientation is not applied, as in
+torchvision's ImageFolder loader, so a photo stored sideways with an orientation tag is read sideways.
 """
 from __future__ import annotations
 
@@ -169,7 +172,10 @@ def decode_rgb(path: Path) -> torch.Tensor:
             image.load()
             array = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path}: cannot decode image ({exc}); remove or replace the file, or set dataset.bad_images=skip") from None
+        raise DataError(
+            f"{path}: cannot decode image ({exc}); set dataset.bad_images=skip (the file is replaced by the next image of its class "
+            f"and counted; finished work is kept and the run resumes), or remove or replace the file (a changed dataset: its artifacts are made anew)"
+        ) from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -223,11 +229,13 @@ class FileImages:
 
     dtype = torch.uint8
 
-    def __init__(self, index: FileIndex, size: int, resize: int, workers: int, bad_images: str = "error") -> None:
+    def __init__(self, index: FileIndex, size: int, resize: int, workers: int, bad_images: str = "error", skipped: set[str] | None = None) -> None:
         if bad_images not in BAD_IMAGES:
             raise ValueError(f"bad_images must be one of {BAD_IMAGES}")
         self.index, self.size, self.resize, self.workers, self.bad_images = index, size, resize, workers, bad_images
-        self.skipped: set[str] = set()  # files replaced (bad_images=skip), in this process
+        # files replaced so far (bad_images=skip) in this process, one record per split: its views
+        # (`take`: the validation rows, a subset) share it, so each file is warned about once
+        self.skipped: set[str] = skipped if skipped is not None else set()
         self._pool: ThreadPoolExecutor | None = None
 
     # -- what the in-RAM tensor answers
@@ -260,39 +268,51 @@ class FileImages:
         """The files at `key`, as FileImages (same transforms); nothing is decoded."""
         positions = np.asarray(self._positions(key), dtype=np.int64)
         sub = FileIndex(self.index.root, self.index.paths[positions], self.index.sizes[positions], self.index.labels[torch.from_numpy(positions)])
-        return FileImages(sub, self.size, self.resize, self.workers, self.bad_images)
+        return FileImages(sub, self.size, self.resize, self.workers, self.bad_images, self.skipped)
 
     # -- decoding
     def load(self, position: int, seed: int | None = None) -> torch.Tensor:
         """Image `position` at size x size: the eval transform, or the train one seeded by `seed`."""
-        image = self._decode(int(position))
-        if seed is None:
-            return eval_transform(image, self.size, self.resize)
-        return train_transform(image, self.size, torch.Generator().manual_seed(seed))
+        image, replaced = self.load_reporting(position, seed)
+        self.note_skipped(replaced)
+        return image
 
-    def _decode(self, position: int) -> torch.Tensor:
+    def load_reporting(self, position: int, seed: int | None = None) -> tuple[torch.Tensor, list[str]]:
+        """`load` without the record: the image and the files replaced for it (bad_images=skip),
+        for a loader worker, whose copy's record the main process never sees."""
+        image, replaced = self._decode(int(position))
+        if seed is None:
+            return eval_transform(image, self.size, self.resize), replaced
+        return train_transform(image, self.size, torch.Generator().manual_seed(seed)), replaced
+
+    def note_skipped(self, files: Sequence[str]) -> None:
+        """Record replaced files in the split's record, with one warning per file per process."""
+        for bad in files:
+            if bad not in self.skipped:
+                self.skipped.add(bad)
+                log.warning("data: skipped %s (cannot decode it; dataset.bad_images=skip), using the next image of its class", bad)
+
+    def _decode(self, position: int) -> tuple[torch.Tensor, list[str]]:
         try:
-            return decode_rgb(self.index.path(position))
+            return decode_rgb(self.index.path(position)), []
         except DataError:
             if self.bad_images == "error":
                 raise
         return self._substitute(position)
 
-    def _substitute(self, position: int) -> torch.Tensor:
-        """The next decodable image of the same class after `position` (wrapping): bad_images=skip."""
-        bad = str(self.index.path(position))
-        if bad not in self.skipped:
-            self.skipped.add(bad)
-            log.warning("data: skipped %s (cannot decode it; dataset.bad_images=skip), using the next image of its class", bad)
+    def _substitute(self, position: int) -> tuple[torch.Tensor, list[str]]:
+        """The next decodable image of the same class after `position` (wrapping), and the files
+        passed over on the way (`position`'s first): bad_images=skip."""
+        replaced = [str(self.index.path(position))]
         labels = self.index.labels
         same = torch.nonzero(labels == labels[position]).flatten().tolist()
         start = same.index(position)
         for other in same[start + 1 :] + same[:start]:
             try:
-                return decode_rgb(self.index.path(other))
+                return decode_rgb(self.index.path(other)), replaced
             except DataError:
-                self.skipped.add(str(self.index.path(other)))
-        raise DataError(f"{bad}: no image of its class (label {int(labels[position])}) under {self.index.root} can be decoded; replace the files")
+                replaced.append(str(self.index.path(other)))
+        raise DataError(f"{replaced[0]}: no image of its class (label {int(labels[position])}) under {self.index.root} can be decoded; replace the files")
 
     def _positions(self, key: slice | torch.Tensor | Sequence[int]) -> list[int]:
         if isinstance(key, slice):
@@ -313,8 +333,15 @@ class FileImages:
         return {**self.__dict__, "_pool": None, "skipped": set()}
 
     def fingerprint_parts(self) -> bytes:
-        """The split's identity for cache keys: the file index and the transform settings."""
-        return self.index.digest() + repr((self.size, self.resize, self.bad_images)).encode()
+        """The split's identity for artifact keys: the file index and the transform settings.
+
+        Not `bad_images`: it decides only whether a run that meets an undecodable file stops or
+        replaces it, and an artifact finished under `error` met none, so under `skip` it would
+        read the same images. Switching to `skip` after the error therefore finds the finished
+        teacher, profile and cache, and resumes the interrupted run; what a run replaced is in
+        its metrics.csv (skipped_*). Hashed as "error", the value every earlier key was made with.
+        """
+        return self.index.digest() + repr((self.size, self.resize, "error")).encode()
 
 
 def select(images: torch.Tensor | FileImages, positions: torch.Tensor) -> torch.Tensor | FileImages:

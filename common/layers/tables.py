@@ -3,6 +3,7 @@ index, module path, kind and per-sample output shape, from one dummy forward of 
 from __future__ import annotations
 
 import functools
+from typing import Protocol
 
 import pandas as pd
 import torch
@@ -13,7 +14,16 @@ from common.layers.hooks import LayerInfo, layer_infos
 from common.models import MODELS, create_model
 
 
-def layer_infos_for(model: ModelConfig, data: Data) -> tuple[LayerInfo, ...]:
+class DataShape(Protocol):
+    """What a layer table reads of a dataset: a `Data`, or its shape known before it is read
+    (`common.checks.shape_before_data`)."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+def layer_infos_for(model: ModelConfig, data: DataShape) -> tuple[LayerInfo, ...]:
     """The generalized layers of `model` (cfg.teacher or cfg.student) built for `data`'s classes,
     channels and image size, with their shapes."""
     return _layer_table(model.name, model.width, data.num_classes, data.in_channels, data.image_size)

@@ -46,10 +46,22 @@ def wants_cache(cfg: Config, data: Data) -> bool:
     """Whether the students read the teacher from the cache (train.teacher_source; auto: unless
     augmentation makes cached features stale, or the dataset is streamed: at ImageNet scale the
     cache of one layer set is terabytes, so it is written only when asked for)."""
+    return no_cache_reason(cfg, data) is None
+
+
+def no_cache_reason(cfg: Config, data: Data) -> str | None:
+    """Why the students use the live teacher instead of the cache (the setting that decided it,
+    for stage 1's log line), or None when they read the cache."""
     source = cfg.train.teacher_source
-    if source == "auto":
-        return not (cfg.train.augment or data.streamed)
-    return source == "cache"
+    if source == "cache":
+        return None
+    if source == "live":
+        return "train.teacher_source=live"
+    if cfg.train.augment:
+        return "train.augment=true: each epoch draws other crops, so cached features would be stale"
+    if data.streamed:
+        return f"{data.name} is streamed: a cache of its training split would take terabytes at ImageNet scale"
+    return None
 
 
 def ensure_features(cfg: Config, data: Data, layers: list[int], rows: torch.Tensor) -> Path:
@@ -145,6 +157,7 @@ def ensure_features_with(
                             dtype=torch.float32, with_positions=with_logits),
             copy_from=path if extend_only else None,
             progress=cfg.profile.progress,
+            log_interval_s=cfg.profile.log_interval_s,
         )
         log.info(
             "profile: wrote layers %s for %d training images in %.1fs (peak RSS so far %.0f MiB) -> %s",

@@ -23,7 +23,6 @@ from common.runtime import code_version
 from common.layers.tables import layer_shapes
 from common.layers.hooks import resolve_layers
 from common.models import MODELS
-from common.plots import plot_quality
 from common.profile.features import rebuild_hint
 from common.profile.stats import stats_meta
 from common.quality.formulas import select_layers
@@ -108,6 +107,8 @@ def write_selection(cfg: Config, pdir: Path, quality: pd.DataFrame, selected: li
         {"criterion": cfg.profile.criterion, "k": cfg.profile.k, "how": how, "layers": selected,
          "baseline_layers": list(MODELS.get(cfg.teacher.name).baseline_layers)},
     )
+    from common.plots import plot_quality  # here: matplotlib's import (0.8 s) only when a profile is written
+
     plot_quality(quality, selected, pdir / "quality.png", title=f"{cfg.teacher.name} on {cfg.dataset.name}")
     _track_quality(cfg, pdir, quality)
     log.info("profile: selected teacher layers %s (%s)", selected, how)

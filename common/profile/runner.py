@@ -46,7 +46,7 @@ from common.runtime import versions
 from common.layers.tables import layer_infos_for
 from common.layers.hooks import resolve_layers
 from common.models import MODELS
-from common.profile.features import ensure_features_with, wants_cache
+from common.profile.features import ensure_features_with, no_cache_reason
 from common.profile.forward_hooks import hook_file, write_forward_hooks
 from common.profile.manifest import Manifest, load_manifest, select_teacher_layers, write_manifest, write_selection
 from common.profile.stats import ensure_quality, log_step
@@ -64,7 +64,7 @@ class Profile:
     dir: Path
     quality: pd.DataFrame
     selected: list[int]
-    features: Path | None  # None: no cache (a streamed dataset whose students use the live teacher)
+    features: Path | None  # None: no cache, the students use the live teacher (`features.no_cache_reason` says why)
     manifest: Manifest
 
 
@@ -110,11 +110,12 @@ def run(cfg: Config, data: Data | None = None) -> Profile:
         tic = time.perf_counter()
         rows = data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed)
         features = None
-        if wants_cache(cfg, data):
+        no_cache = no_cache_reason(cfg, data)
+        if no_cache is None:
             features = ensure_features_with(cfg, data, teacher, teacher_sha, needed, rows, device)
             log_step("features", tic)
         else:
-            log.info("profile: no feature cache for streamed %s (students use the live teacher; train.teacher_source=cache writes one)", data.name)
+            log.info("profile: no feature cache (%s); students use the live teacher, train.teacher_source=cache writes one", no_cache)
         manifest = write_manifest(cfg, data, pdir, teacher_sha, quality, top_k, selected, how, features)
         (pdir / artifacts.DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return Profile(pdir, quality, selected, features, manifest)

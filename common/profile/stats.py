@@ -18,7 +18,7 @@ from common.cache.write import write_h5
 from common.config import Config
 from common.data.registry import Data
 from common.files import atomic_write, atomic_write_yaml, file_lock
-from common.runtime import code_version, io_written_mb, peak_rss_mb
+from common.runtime import IntervalLine, code_version, io_written_mb, peak_rss_mb
 from common.layers.tables import layer_shapes, list_layers
 from common.layers.hooks import extract
 from common.profile.features import cache_identity, extract_batches
@@ -48,7 +48,7 @@ def analysis_pool(cfg: Config, data: Data) -> torch.Tensor:
     seeded class-balanced `profile.pool_size` of them (the reference's Tiny ImageNet CNN teachers)."""
     if cfg.profile.pool_size is None:
         return data.train_indices
-    return data.training_subset(cfg.profile.pool_size, cfg.profile.seed)
+    return data.training_subset(cfg.profile.pool_size, cfg.profile.seed, "profile.pool_size")
 
 
 def q_subsets(cfg: Config, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +102,7 @@ def ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_sh
             clock[0] = time.perf_counter()
 
         records = stream_layer_stats(
-            _teacher_features(teacher, data, device),
+            _teacher_features(teacher, data, device, cfg.profile.log_interval_s),
             shapes,
             subset_a, labels[subset_a], subset_b, labels[subset_b], n_train,
             device=device,
@@ -123,14 +123,21 @@ def ensure_quality(cfg: Config, data: Data, teacher: torch.nn.Module, teacher_sh
     return quality
 
 
-def _teacher_features(teacher: torch.nn.Module, data: Data, device: torch.device) -> FeatureSource:
+def _teacher_features(teacher: torch.nn.Module, data: Data, device: torch.device, log_interval_s: float = 0.0) -> FeatureSource:
     """FeatureSource for common.quality.stream: an eval-mode forward (no augmentation, METHOD
-    6.1) of the training images at `positions`, stopped after the deepest requested layer."""
+    6.1) of the training images at `positions`, stopped after the deepest requested layer.
+    Where stderr is no terminal, a line every `log_interval_s` counts the images forwarded so far
+    (the passes are planned inside the stream, so there is no total to give an ETA against)."""
+    line = IntervalLine("profile S/I/E/Q", 0, log_interval_s, unit="img", what="images forwarded")
+    forwarded = [0]  # images, over every pass
 
     @torch.no_grad()
     def features(positions: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
         x = data.normalize(data.train.images[positions], device)
-        return {i: f.float() for i, f in extract(teacher, x, layers).items()}
+        out = {i: f.float() for i, f in extract(teacher, x, layers).items()}
+        forwarded[0] += len(positions)
+        line.step(forwarded[0], forwarded[0])
+        return out
 
     return features
 
@@ -150,6 +157,7 @@ def _write_activations(
         {**{n: "float32" for n in names}, POSITIONS: "int64"},
         extract_batches(teacher, data, subset_a, layers, cfg.profile.batch_size, device, logits=False, dtype=torch.float32, with_positions=True),
         progress=cfg.profile.progress,
+        log_interval_s=cfg.profile.log_interval_s,
     )
     log_step("activations", tic)
 

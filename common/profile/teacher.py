@@ -29,7 +29,7 @@ from common.methods import Distiller, build_distiller, resolve_method
 from common.models import MODELS, create_model
 from common.models.as_is import teacher_as_is
 from common.runtime import seed_everything
-from common.train.loop import METRICS, FitResult, evaluate, finish, fit
+from common.train.loop import METRICS, FitResult, counts_skips, evaluate, finish, fit
 
 log = logging.getLogger("kd")
 
@@ -128,7 +128,7 @@ def ensure_teacher(cfg: Config, data: Data) -> Path:
                 cfg.teacher_train,
                 tdir,
                 lr=lr,
-                train_indices=data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed),
+                train_indices=data.training_subset(cfg.teacher_train.train_subset, cfg.dataset.split_seed, "teacher_train.train_subset"),
                 param_groups=groups,
                 weights_name=WEIGHTS,
                 weights_of=model,
@@ -157,10 +157,15 @@ def _use_as_is(cfg: Config, data: Data, tdir: Path) -> None:
         device = resolve_device(train.device)
         ce = _ce(model.to(device), data)
         amp = train.amp and device.type == "cuda"  # as fit evaluates a trained teacher
-        row = {"epoch": 0, "test_acc": evaluate(ce, data, data.test.images, data.test.labels, device, train.eval_batch_size, amp)}
+        replaced: dict[str, set[str]] = {"test": set(), "val": set()}
+        row = {"epoch": 0, "test_acc": evaluate(ce, data, data.test.images, data.test.labels, device, train.eval_batch_size, amp, replaced=replaced["test"])}
         if len(data.val_indices) > 0:
             val = data.val_indices
-            row["val_acc"] = evaluate(ce, data, select(data.train.images, val), data.train.labels[val], device, train.eval_batch_size, amp)
+            row["val_acc"] = evaluate(
+                ce, data, select(data.train.images, val), data.train.labels[val], device, train.eval_batch_size, amp, replaced=replaced["val"]
+            )
+        if counts_skips(data):  # as the loop counts them (no training split read here)
+            row.update({f"skipped_{split}": len(files) for split, files in replaced.items() if split == "test" or "val_acc" in row})
         row["elapsed_s"] = 0.0  # cumulative training time
         metrics = pd.DataFrame([row])
         atomic_write(tdir / METRICS, lambda tmp: metrics.to_csv(tmp, index=False))

@@ -113,7 +113,7 @@ def draw_subsets(
             c = int(short[0])
             raise ConfigError(
                 f"class {c} has {int(counts[c])} samples in the pool but subset {name} needs {need} per class; "
-                f"lower profile.{key} or use a larger pool"
+                f"lower profile.{key} or use a larger pool (profile.pool_size; empty: the whole training split)"
             )
 
     by_class = torch.argsort(labels, stable=True).split(counts.tolist())

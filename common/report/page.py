@@ -28,6 +28,7 @@ SECTIONS = (
     ("export.md", "Exported students: size and latency"),
     ("layer_study.md", "Layer-selection study"),
     ("unfinished.md", "Unfinished and failed runs"),
+    ("replaced_images.md", "Undecodable images replaced"),
 )
 
 STYLE = """

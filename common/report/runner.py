@@ -25,7 +25,10 @@ from common.errors import DataError
 from common.report.exports import write_export_tables
 from common.plots import plot_accuracy_curves, plot_all_profiles
 from common.report.stats import BASELINE
-from common.report.text import accuracy_markdown, epochs_markdown, headroom_markdown, opening_sentences, unfinished_markdown, write_tables
+from common.files import atomic_write_text
+from common.report.text import (
+    accuracy_markdown, epochs_markdown, headroom_markdown, opening_sentences, replaced_images_markdown, unfinished_markdown, write_tables,
+)
 from common.report.tables import accuracy_table, epochs_to_target, headroom_table, unfinished_table
 
 def run(
@@ -73,6 +76,13 @@ def run(
                 "epochs_to_target": epochs_markdown(ett)}
     if not unfinished.empty:
         markdown["unfinished"] = unfinished_markdown(unfinished)
+    replaced = replaced_images_markdown(finished_runs(runs), teachers)
+    if replaced:  # dataset.bad_images=skip replaced files somewhere: never silent
+        markdown["replaced_images"] = replaced
+        files["replaced_images.md"] = out_dir / "replaced_images.md"
+        atomic_write_text(files["replaced_images.md"], replaced)
+    else:
+        (out_dir / "replaced_images.md").unlink(missing_ok=True)
     export_md, export_files = write_export_tables(runs, out_dir, accuracy)
     files.update(export_files)
     if export_md:

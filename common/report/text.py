@@ -340,6 +340,25 @@ def unfinished_markdown(table: pd.DataFrame) -> str:
     return markdown_table(headers, rows)
 
 
+def replaced_images_markdown(runs: pd.DataFrame, teachers: pd.DataFrame) -> str:
+    """The runs and teachers that read a streamed split with undecodable files replaced
+    (dataset.bad_images=skip), with how many files of each split: their test (or validation)
+    set was not the dataset's exactly. '' when there is none."""
+    columns = ["skipped_train", "skipped_val", "skipped_test"]
+    rows = []
+    for kind, frame in (("teacher", teachers), ("student", runs)):
+        if frame.empty or not set(columns) <= set(frame.columns):
+            continue
+        for _, r in frame[frame[columns].fillna(0).sum(axis=1) > 0].iterrows():
+            who = r["teacher_id"] if kind == "teacher" else f"{r['pair']} {r['method']}-{r['variant']} seed {int(r['seed'])}"
+            rows.append([r["dataset"], kind, text_cell(who), *(number_cell(r[c], "{:.0f}") for c in columns)])
+    if not rows:
+        return ""
+    note = ("Undecodable image files replaced by the next image of their class (dataset.bad_images=skip), "
+            "per split: a run's test or validation accuracy is then over a slightly different set.\n\n")
+    return note + markdown_table(["dataset", "run", "which", "train files", "val files", "test files"], rows)
+
+
 # ----------------------------------------------------------------------------- files
 
 

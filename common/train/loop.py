@@ -40,6 +40,7 @@ from common.train.compiled import compile_errors, compile_training_step
 from common.train.inputs import ImageSource, images_on_device
 from common.train.streamed import eval_batches
 from common.data.stream import FileImages, select
+from common.runtime import IntervalLine
 from common.files import atomic_torch_save, atomic_write, atomic_write_text, atomic_write_yaml
 
 log = logging.getLogger("kd")
@@ -102,12 +103,14 @@ class FitResult:
 
 @torch.no_grad()
 def evaluate(
-    model: Trainable, data: Data, images: torch.Tensor | FileImages, labels: torch.Tensor, device: torch.device, batch_size: int, amp: bool, ranks: Ranks = SINGLE
+    model: Trainable, data: Data, images: torch.Tensor | FileImages, labels: torch.Tensor, device: torch.device, batch_size: int, amp: bool,
+    ranks: Ranks = SINGLE, replaced: set[str] | None = None,
 ) -> float:
     """Top-1 accuracy in percent over every given image (section 0 item 6: the whole test set).
 
     Under torchrun each rank scores every world-th image with rank 0's buffers and the counts
-    are summed, so the result is the one-process accuracy of the model rank 0 saves.
+    are summed, so the result is the one-process accuracy of the model rank 0 saves. A streamed
+    split's files replaced on the way (dataset.bad_images=skip) go into `replaced` (this rank's).
     """
     was_training = model.training
     distributed.sync_buffers(model, ranks)
@@ -115,13 +118,20 @@ def evaluate(
     mine = torch.arange(ranks.rank, len(labels), ranks.world)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     batches = list(mine.split(batch_size))
-    for batch, raw in zip(batches, eval_batches(images, batches, device)):
+    for batch, raw in zip(batches, eval_batches(images, batches, device, replaced)):
         x = data.normalize(raw, device)
         with _autocast(device, amp):
             logits = model.forward_eval(x)
         correct += (logits.argmax(1) == labels[batch].to(device, non_blocking=True)).sum()
     model.train(was_training)
     return 100.0 * int(distributed.sum_over_ranks(correct, ranks)) / max(1, len(labels))
+
+
+def counts_skips(data: Data) -> bool:
+    """Whether undecodable files are replaced (a streamed split with dataset.bad_images=skip):
+    then metrics.csv counts them per split (skipped_train, skipped_val, skipped_test)."""
+    images = data.train.images
+    return isinstance(images, FileImages) and images.bad_images == "skip"
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -297,14 +307,17 @@ def _epoch(loop: _Loop, epoch: int, progress: _Progress) -> dict[str, float]:
     else:
         batches = epoch_batches(loop.rows, loop.batch_size, order_gen)
     trained = _train_epoch(loop, epoch, batches, order_gen, progress)
-    if loop.images.skipped and loop.ranks.is_main:  # dataset.bad_images=skip: counted, never silent
-        log.warning("%s epoch %d: %d undecodable training images replaced so far (dataset.bad_images=skip)", loop.desc or "run", epoch, loop.images.skipped)
     progress.elapsed += trained["epoch_time_s"]
     row: dict[str, float] = {"epoch": epoch, **{k: v for k, v in trained.items() if k not in ("epoch_time_s", "images_per_s")}}
-    evaluate_on = lambda images, labels: evaluate(loop.model, data, images, labels, loop.device, cfg.eval_batch_size, loop.amp, loop.ranks)  # noqa: E731
-    row["test_acc"] = evaluate_on(data.test.images, data.test.labels)
+    replaced: dict[str, set[str]] = {"test": set(), "val": set()}
+    evaluate_on = lambda images, labels, split: evaluate(loop.model, data, images, labels, loop.device, cfg.eval_batch_size, loop.amp, loop.ranks, replaced[split])  # noqa: E731
+    row["test_acc"] = evaluate_on(data.test.images, data.test.labels, "test")
     if loop.has_val:
-        row["val_acc"] = evaluate_on(select(data.train.images, data.val_indices), data.train.labels[data.val_indices])
+        row["val_acc"] = evaluate_on(select(data.train.images, data.val_indices), data.train.labels[data.val_indices], "val")
+    if counts_skips(data):  # dataset.bad_images=skip: each split's replaced files, per epoch, never silent
+        counts = {"train": loop.images.skipped, "test": len(replaced["test"])} | ({"val": len(replaced["val"])} if loop.has_val else {})
+        summed = distributed.sum_over_ranks(torch.tensor(list(counts.values()), dtype=torch.int64, device=loop.device), loop.ranks).tolist()
+        row.update({f"skipped_{split}": int(n) for split, n in zip(counts, summed)})
     row.update(lr=loop.optimizer.param_groups[-1]["lr"], epoch_time_s=trained["epoch_time_s"], images_per_s=trained["images_per_s"], elapsed_s=progress.elapsed)
     progress.rows.append(row)
     progress.epoch = epoch
@@ -368,6 +381,10 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
     tic = time.perf_counter()
     show = cfg.progress and loop.ranks.is_main
     bar = tqdm(batches, desc=f"{loop.desc} epoch {epoch}/{cfg.epochs}", leave=False, disable=None if show else True, unit="batch")  # None: off when not a terminal
+    # where stderr is no terminal (a cluster log) a line every log_interval_s, also under --quiet,
+    # which turns off the bar: a job's log is where its progress is read
+    line = IntervalLine(f"{loop.desc} epoch {epoch}/{cfg.epochs}", len(batches), cfg.log_interval_s, loop.ranks.is_main)
+    world = loop.ranks.world
     # The images come from the device (resident) or a prefetching thread, always images[idx] of
     # this order, so the path never changes a number.
     # `rows` is `idx` on the device, copied once per step by the image source.
@@ -391,6 +408,8 @@ def _train_epoch(loop: _Loop, epoch: int, batches: list[torch.Tensor], generator
             sums[name] = sums.get(name, 0.0) + value.detach().double()
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(idx)
+        if line.due():  # one host read per line (every log_interval_s), none in between
+            line.step(step + 1, seen * world, lambda: float(sum(sums.values())) / (step + 1))  # noqa: B023 - called at once
         if (step + 1) % NAN_CHECK_EVERY == 0 and step + 1 < len(batches):
             # the bar's loss comes with the flag, in the same read, and only when the bar is shown
             bad_step, shown = bad.read(*([] if bar.disable else [loss]))

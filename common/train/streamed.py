@@ -26,16 +26,17 @@ class _Decoded(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor | None, int, str | None]:
-        """(image, files replaced for it (bad_images=skip), None) or (None, 0, the DataError's
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor | None, tuple[str, ...], str | None]:
+        """(image, files replaced for it (bad_images=skip), None) or (None, (), the DataError's
         line): an error travels back as data, since a DataLoader re-raises a worker's exception
-        with the worker's traceback in its message, and the user gets one line naming the file."""
-        before = len(self.images.skipped)
+        with the worker's traceback in its message, and the user gets one line naming the file.
+        The replaced files go back every time (a worker's record is its own), so the main
+        process counts them per epoch and warns once per file."""
         try:
-            image = self.images.load(*key)
+            image, replaced = self.images.load_reporting(*key)
         except DataError as exc:
-            return None, 0, str(exc)
-        return image, len(self.images.skipped) - before, None
+            return None, (), str(exc)
+        return image, tuple(replaced), None
 
 
 class _EpochBatches:
@@ -60,11 +61,11 @@ class _EpochBatches:
         return len(self.batches)
 
 
-def _stack(items: list[tuple[torch.Tensor | None, int, str | None]]) -> tuple[torch.Tensor | None, int, str | None]:
+def _stack(items: list[tuple[torch.Tensor | None, tuple[str, ...], str | None]]) -> tuple[torch.Tensor | None, tuple[str, ...], str | None]:
     errors = [error for _, _, error in items if error is not None]
     if errors:
-        return None, 0, errors[0]
-    return torch.stack([image for image, _, _ in items]), sum(n for _, n, _ in items), None
+        return None, (), errors[0]
+    return torch.stack([image for image, _, _ in items]), tuple(f for _, files, _ in items for f in files), None
 
 
 class StreamedImages:
@@ -81,26 +82,42 @@ class StreamedImages:
             _Decoded(images), batch_sampler=self.sampler, num_workers=workers, collate_fn=_stack,
             pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers else None,
         )
-        self.skipped = 0  # files replaced so far (bad_images=skip)
+        self.images = images
+        self.replaced: set[str] = set()  # files replaced (bad_images=skip) in the last `epoch` pass
+
+    @property
+    def skipped(self) -> int:
+        """Distinct files replaced in the last pass (the loop's per-epoch count)."""
+        return len(self.replaced)
 
     def epoch(self, batches: list[torch.Tensor], epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(indices on the device, images) of each batch, decoded in the loop's order."""
 
         self.sampler.batches = batches
         self.sampler.seeds = (self.seed, epoch) if self.augments else None
-        for idx, (images, skipped, error) in zip(batches, self.loader):
+        self.replaced = set()
+        for idx, (images, replaced, error) in zip(batches, self.loader):
             if error is not None:
                 raise DataError(error)
-            self.skipped += skipped
+            if replaced:
+                self.replaced.update(replaced)
+                self.images.note_skipped(replaced)  # the split's record: one warning per file
             yield idx.to(self.device, non_blocking=True), images.to(self.device, non_blocking=True)
 
 
 
-def eval_batches(images: torch.Tensor | FileImages, batches: list[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+def eval_batches(
+    images: torch.Tensor | FileImages, batches: list[torch.Tensor], device: torch.device, replaced: set[str] | None = None
+) -> Iterator[torch.Tensor]:
     """`images[batch]` for each batch, in order, for evaluation: gathered from RAM, or for a
     streamed split decoded ahead by loader workers (evaluation transform), so the device does
-    not wait for each batch's decode (ImageNet's 50 000 val images every epoch)."""
+    not wait for each batch's decode (ImageNet's 50 000 val images every epoch). The files
+    replaced on the way (bad_images=skip) are added to `replaced`."""
     if isinstance(images, FileImages):
-        yield from (batch for _, batch in StreamedImages(images, device, augment=False, seed=0, persistent=False).epoch(batches))
+        source = StreamedImages(images, device, augment=False, seed=0, persistent=False)
+        for _, batch in source.epoch(batches):
+            if replaced is not None:  # before the yield: a consumer may stop after the last batch
+                replaced.update(source.replaced)
+            yield batch
     else:
         yield from (images[batch] for batch in batches)
