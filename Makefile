@@ -17,7 +17,7 @@ NPROC    ?= 1
 
 COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
   $(if $(DATASET),--dataset $(DATASET)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
-  $(if $(TEACHER),--teacher $(TEACHER))
+  $(if $(TEACHER),--teacher "$(TEACHER)")
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
