@@ -192,11 +192,13 @@ def pair_in_depth_order(pairs: Sequence[Pair], n_layers: Sequence[int], student_
 
 def check_compatible(records: Sequence[Mapping[str, Any]]) -> None:
     """Teachers trained on other data or another class count cannot be distilled together: their
-    features describe other images or other labels. records: per teacher its name, `dataset`
-    (name and fingerprint) and `num_classes`, as its stage-1 manifest and checkpoint record them."""
+    features describe other images or other labels. Their S/I/E/Q must come from the same subsets
+    A and B, or the pooled ranking compares numbers of other images. records: per teacher its name,
+    `dataset` (name and fingerprint), `num_classes` and `subsets` (the quality key and subset
+    sizes), as its stage-1 manifest records them."""
     first = records[0]
     for r in records[1:]:
-        for key, what in (("dataset", "dataset"), ("num_classes", "class count")):
+        for key, what in (("dataset", "dataset"), ("num_classes", "class count"), ("subsets", "S/I/E/Q subsets A and B")):
             if r.get(key) != first.get(key):
                 raise DataError(f"teachers {first['name']} and {r['name']} were trained on another {what} "
                                 f"({first.get(key)} vs {r.get(key)}); distil together only teachers of one dataset and class count")
@@ -313,7 +315,8 @@ def run(cfg: Config, data: Any = None) -> MultiManifest:
         log.info("profile: teacher %s ready (%.1fs)", c.teacher.name, time.perf_counter() - tic)
         manifests.append({**one.data, "num_classes": data.num_classes})
     check_compatible([{"name": m["teacher"]["name"], "dataset": {k: m["dataset"][k] for k in ("name", "fingerprint")},
-                       "num_classes": m["num_classes"]} for m in manifests])
+                       "num_classes": m["num_classes"], "subsets": {k: v for k, v in m["quality"].items() if k != "dir"}}
+                      for m in manifests])
     content = build_manifest(cfg, manifests)
     mdir = manifest_dir(cfg, data)
     with file_lock(mdir / ".lock"):
