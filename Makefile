@@ -79,7 +79,7 @@ study: setup
 	  echo "== study arm $$arm: $$overrides"; \
 	  $(STAGE2) stage2_distill.py $(COMMON) $(STUDENT_ARGS) $(ARGS) $$overrides < /dev/null || exit 1; \
 	done
-	$(PY) stage3_evaluate.py --study $(COMMON) $(STUDENT_ARGS) $(STUDY_ARGS) -- $(ARGS)
+	$(PY) stage3_evaluate.py --study $(COMMON) $(STUDENT_ARGS) $(STUDY_ARGS) -- $(filter-out --quiet,$(ARGS))
 
 # Each finished student as ONNX (opset 18) + TorchScript with its head, checked against PyTorch on
 # test images and timed on this CPU (export.yaml per run); stage 3 adds the table. Shared CPU: EXPORT_ARGS="--threads 1".

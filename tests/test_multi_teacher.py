@@ -84,6 +84,8 @@ def test_teacher_configs_names_mappings_and_refusals() -> None:
     assert multi.joined_name(cfg) == "resnet34+vgg19" and multi.is_multi(cfg)
     with pytest.raises(ConfigError, match="names resnet34 twice"):
         multi.teacher_configs(load_config(None, ["teachers=[resnet34, vgg19, resnet34]"]))
+    with pytest.raises(ConfigError, match="names vgg19 twice"):  # finetune without a checkpoint: the same teacher
+        multi.teacher_configs(load_config(None, ["teachers=[vgg19, {name: vgg19, finetune: true}]"]))
     with pytest.raises(ConfigError, match="teacher_rule"):
         load_config(None, ["teacher_rule=mixed"])
     p = cli.parser("x")

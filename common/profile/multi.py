@@ -71,10 +71,11 @@ def teacher_configs(cfg: Config) -> list[TeacherConfig]:
 
 
 def check_distinct(teachers: Sequence[TeacherConfig]) -> None:
-    """The same teacher twice would put one teacher's layers in both halves of a selection."""
+    """The same teacher twice would put one teacher's layers in both halves of a selection. Its
+    identity is what keys its directory: finetune tells two teachers apart only with a checkpoint."""
     seen: dict[tuple[Any, ...], int] = {}
     for i, t in enumerate(teachers):
-        key = (t.name, t.width, t.pretrained, t.finetune)
+        key = (t.name, t.width, t.pretrained, t.finetune if t.pretrained is not None else None)
         if key in seen:
             raise ConfigError(f"teachers names {t.name} twice (entries {seen[key]} and {i}); list each teacher once")
         seen[key] = i
