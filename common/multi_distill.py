@@ -177,7 +177,9 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     log.info("distill %s: teachers' layers %s -> student layers %s (%s)", spec.name, " ".join(plan.labels()), plan.student_layers, cfg.teacher_rule)
     device = resolve_device(cfg.train.device)
     source = teacher_source(cfg, data, plan, device)
-    extra = {"teacher_id": [artifacts.teacher_id(c, data) for c in plan.teacher_configs], "teacher_layers": plan.labels(),
+    ids = [artifacts.teacher_id(c, data) for c in plan.teacher_configs]
+    # teacher_id stays one string (stage 3 groups runs by it); every teacher's id is in teacher_ids
+    extra = {"teacher_id": multi.NAME_SEP.join(ids), "teacher_ids": ids, "teacher_layers": plan.labels(),
              "teachers": plan.names, "teacher_rule": cfg.teacher_rule,
              "pairs": [{"teacher": plan.names[t], "teacher_layer": layer, "student_layer": j} for t, layer, j in plan.triples]}
     run_cfg = multi.config_of(cfg, teachers[0])

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from common import cli, distill, multi_distill
-from common.artifacts import layout
+from common.artifacts import discovery, layout
 from common.config import load_config
 from common.data.registry import load_data
 from common.errors import ConfigError, DataError
@@ -165,6 +165,9 @@ def test_multi_teacher_run_keys_layers_and_report(two) -> None:
     plan = multi_distill.resolve(cfg, spec, data, manifest)
     assert run["teacher_layers"] == plan.labels() and all(lab.split(":")[0] in ("resnet18", "vgg11") for lab in plan.labels())
     assert [p["student_layer"] for p in run["pairs"]] == plan.student_layers == [1, 2, 3, 4]
+    assert run["teacher_id"] == "+".join(run["teacher_ids"])  # one string: stage 3 groups runs by it
+    found = discovery.find_runs(tmp / "artifacts", pairs=["resnet18+vgg11__resnet9"])
+    assert found["teacher_layers"].tolist() == [" ".join(plan.labels())]  # stage 3 names each layer's teacher
     assert distill.run(cfg, data=data)[0].skipped
     # the key holds every teacher's identity and layers: another rule or layer list is another directory
     other = dataclasses.replace(cfg, teacher_rule="per_teacher")
