@@ -106,7 +106,7 @@ def interleaved_steps(variants: dict, data, passes: int) -> None:
     """Training steps of every variant (bench_epoch.py's `_step_fn`: fresh student, AdamW, timed by
     part), interleaved batch by batch over `passes` epochs: the steadiest ratio on a loaded machine."""
     from bench_epoch import _step_fn  # bench/ is this script's sys.path[0]
-    from common import multi_distill
+    from common.train import multi_teacher
     from common.layers.tables import layer_shapes
     from common.methods import resolve_run_method
 
@@ -114,8 +114,8 @@ def interleaved_steps(variants: dict, data, passes: int) -> None:
     for name, cfg in variants.items():
         spec = resolve_run_method(cfg)
         if multi.is_multi(cfg):
-            plan = multi_distill.resolve(cfg, spec, data)
-            source = multi_distill.teacher_source(cfg, data, plan, torch.device("cpu"))
+            plan = multi_teacher.resolve(cfg, spec, data)
+            source = multi_teacher.teacher_source(cfg, data, plan, torch.device("cpu"))
             keys, students = list(range(len(plan.triples))), plan.student_layers
             shapes = {p: layer_shapes(plan.teacher_configs[t], data)[layer] for p, (t, layer, _) in enumerate(plan.triples)}
             labels[name] = plan.labels()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from common import multi_distill
+from common.train import multi_teacher
 from common.artifacts import layout as artifacts
 from common.train import distributed
 from common.cache.reader import FeatureCache
@@ -126,9 +126,9 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     profile are built once under their file locks (the other ranks wait there), rank 0 takes
     each run's lock and decides skip / restart for all, every rank trains its shard, rank 0 writes.
     """
-    # Several teachers: their own module (common/multi_distill.py); one listed teacher is `teacher`.
+    # Several teachers: their own module (common/train/multi_teacher.py); one listed teacher is `teacher`.
     if multi.is_multi(cfg):
-        return multi_distill.run(cfg, seeds, restart, data, ranks)
+        return multi_teacher.run(cfg, seeds, restart, data, ranks)
     cfg = multi.single_config(cfg)
     seeds = list(seeds if seeds is not None else cfg.seeds)
     # the method first: a run without a teacher (ce) does not check the profile's settings

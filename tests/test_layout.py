@@ -24,11 +24,11 @@ PACKAGES = {
     "data": {"registry", "formats", "stream"},
     "export": {"__main__", "runner", "files", "record", "latency"},
     "layers": {"hooks", "tables"},
-    "profile": {"runner", "teacher", "stats", "manifest", "features"},
+    "profile": {"runner", "teacher", "stats", "manifest", "features", "multi"},
     "quality": {"formulas", "stream"},
     "report": {"runner", "stats", "tables", "text", "page", "exports", "published"},
-    "study": {"__main__", "runner", "plan", "stats", "text"},
-    "train": {"loop", "recipes", "distributed", "tracking", "teacher_source", "inputs", "streamed", "compiled"},
+    "study": {"__main__", "runner", "plan", "stats", "text", "multi"},
+    "train": {"loop", "recipes", "distributed", "tracking", "teacher_source", "inputs", "streamed", "compiled", "multi_source", "multi_teacher"},
 }
 TOP_MODULES = {"checks", "cli", "config", "distill", "errors", "files", "method_spec", "plots", "registry", "runtime"}
 

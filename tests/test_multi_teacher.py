@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from common import cli, distill, multi_distill
+from common import cli, distill
+from common.train import multi_teacher
 from common.artifacts import discovery, layout
 from common.config import load_config
 from common.data.registry import load_data
@@ -162,7 +163,7 @@ def test_multi_teacher_run_keys_layers_and_report(two) -> None:
     assert not result.skipped and (result.dir / layout.DONE).is_file()
     assert result.dir.parent.parent.name == "resnet18+vgg11__resnet9"
     run = yaml.safe_load((result.dir / layout.CONFIG).read_text())["run"]
-    plan = multi_distill.resolve(cfg, spec, data, manifest)
+    plan = multi_teacher.resolve(cfg, spec, data, manifest)
     assert run["teacher_layers"] == plan.labels() and all(lab.split(":")[0] in ("resnet18", "vgg11") for lab in plan.labels())
     assert [p["student_layer"] for p in run["pairs"]] == plan.student_layers == [1, 2, 3, 4]
     assert run["teacher_id"] == "+".join(run["teacher_ids"])  # one string: stage 3 groups runs by it
@@ -171,23 +172,23 @@ def test_multi_teacher_run_keys_layers_and_report(two) -> None:
     assert distill.run(cfg, data=data)[0].skipped
     # the key holds every teacher's identity and layers: another rule or layer list is another directory
     other = dataclasses.replace(cfg, teacher_rule="per_teacher")
-    per = multi_distill.resolve(other, spec, data, manifest)
-    key = multi_distill.run_key(cfg, data, spec, plan)
+    per = multi_teacher.resolve(other, spec, data, manifest)
+    key = multi_teacher.run_key(cfg, data, spec, plan)
     assert [t["id"] for t in key["teachers"]] == [layout.teacher_id(c, data) for c in plan.teacher_configs]
     if per.triples != plan.triples:
-        assert multi_distill.run_dirs(other, data, spec, per, [0]) != multi_distill.run_dirs(cfg, data, spec, plan, [0])
+        assert multi_teacher.run_dirs(other, data, spec, per, [0]) != multi_teacher.run_dirs(cfg, data, spec, plan, [0])
     moved = dataclasses.replace(plan, triples=[(t, layer, j) for t, layer, j in plan.triples][::-1])
-    assert multi_distill.run_key(cfg, data, spec, moved) != key
+    assert multi_teacher.run_key(cfg, data, spec, moved) != key
 
 
 @pytest.mark.stages
 def test_cached_teachers_give_each_teachers_own_features(two) -> None:
     tmp, base, cfg, data, manifest = two
     spec = resolve_run_method(cfg)
-    plan = multi_distill.resolve(cfg, spec, data, manifest)
-    source = multi_distill.teacher_source(cfg, data, plan, torch.device("cpu"))
+    plan = multi_teacher.resolve(cfg, spec, data, manifest)
+    source = multi_teacher.teacher_source(cfg, data, plan, torch.device("cpu"))
     assert all(type(s).__name__ == "CachedTeacher" for s in source.sources)
-    live = multi_distill.teacher_source(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, teacher_source="live")),
+    live = multi_teacher.teacher_source(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, teacher_source="live")),
                                         data, plan, torch.device("cpu"))
     rows = torch.as_tensor(data.training_subset(cfg.train.train_subset, cfg.dataset.split_seed))
     batches = source.batch_order(rows, 32, torch.Generator().manual_seed(3))

@@ -68,14 +68,15 @@ def plan_lines(cfg: Config) -> list[str]:
 def arm_dirs(cfg: Config, data: Any, arm: Arm, seeds: Sequence[int]) -> tuple[dict[int, Path], list[str], list[int]]:
     """Seed -> the run directory stage 2 gives the arm, with its teacher layers named by
     teacher ('resnet34:14') and its student layers; nothing is built."""
-    from common import distill, multi_distill
+    from common import distill
+    from common.train import multi_teacher
     from common.methods import resolve_run_method
 
     arm_cfg = arm_config(cfg, arm)
     spec = resolve_run_method(arm_cfg)
     if multi.is_multi(arm_cfg):
-        plan = multi_distill.resolve(arm_cfg, spec, data, multi.manifest_for(arm_cfg, data))
-        return multi_distill.run_dirs(arm_cfg, data, spec, plan, list(seeds)), plan.labels(), plan.student_layers
+        plan = multi_teacher.resolve(arm_cfg, spec, data, multi.manifest_for(arm_cfg, data))
+        return multi_teacher.run_dirs(arm_cfg, data, spec, plan, list(seeds)), plan.labels(), plan.student_layers
     single = multi.single_config(arm_cfg)
     teacher_layers, student_layers = distill.resolve_layer_lists(single, spec, data) if spec.needs_teacher else ([], [])
     dirs = distill.run_dirs(single, data, spec, teacher_layers, list(seeds))

@@ -1,6 +1,6 @@
 """Stage 2 with several teachers: one student distilled from the selected (teacher, layer) pairs.
 
-`common.distill.run` hands a config with two or more `teachers` here. The pairs come from stage
+`common.distill.run` hands a config with two or more `teachers` here (common/train/multi_teacher.py). The pairs come from stage
 1's multi-teacher manifest (common/profile/multi.py: `teacher_rule` and the method's layer word),
 paired with the student layers in depth order. Each teacher is read from its own feature cache
 when the students read caches (train.teacher_source), live in eval mode otherwise; one projector
