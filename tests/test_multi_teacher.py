@@ -228,3 +228,15 @@ def test_study_arms_alone_are_the_single_teacher_runs(two) -> None:
     assert multi.single_config(arm_config(pair, arms["vgg11_alone"])) == dataclasses.replace(
         single, method=dataclasses.replace(single.method, name="ours"))
     assert Path(str(study_multi.default_out(pair))).name == "resnet18+vgg11__resnet9"
+
+
+def test_study_findings_name_the_better_teacher_and_whether_q_predicts_it() -> None:
+    import pandas as pd
+
+    teachers = pd.DataFrame([dict(teacher="a", best_Q=0.9, n=3, acc_mean=85.0), dict(teacher="b", best_Q=1.2, n=3, acc_mean=87.0)])
+    arms = pd.DataFrame([dict(arm="pooled", sentence="pooled vs b_alone: ...")])
+    found = study_multi.findings(teachers, arms)
+    assert found[0].startswith("b is the better single teacher") and found[1].startswith("Q predicts it")
+    found = study_multi.findings(teachers.assign(best_Q=[1.5, 1.2]), arms)
+    assert "**does not predict**" in found[1] and found[2] == "pooled vs b_alone: ..."
+    assert "tie" in study_multi.findings(teachers.assign(acc_mean=[86.0, 86.0]), arms)[0]

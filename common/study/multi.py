@@ -148,6 +148,8 @@ def findings(teachers: pd.DataFrame, arms: pd.DataFrame) -> list[str]:
     if len(measured) < 2:
         return ["Both teachers' alone arms need finished runs to say which teacher is better."]
     best, other = measured.iloc[0], measured.iloc[1]
+    if best["acc_mean"] == other["acc_mean"]:
+        return [f"{best['teacher']} and {other['teacher']} tie at {best['acc_mean']:.2f} % alone: neither single teacher is better."]
     out.append(f"{best['teacher']} is the better single teacher: {best['acc_mean']:.2f} % against {other['teacher']}'s "
                f"{other['acc_mean']:.2f} % (ours, {int(best['n'])} and {int(other['n'])} seeds).")
     q_pick = teachers.sort_values("best_Q", ascending=False).iloc[0]["teacher"]
