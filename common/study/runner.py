@@ -223,6 +223,7 @@ def mismatches(runs: pd.DataFrame) -> list[str]:
 def default_out(cfg: Config) -> Path:
     if multi.is_multi(cfg):  # several teachers: the multi-teacher arms (common/study/multi.py)
         return study_multi.default_out(cfg)
+    cfg = multi.single_config(cfg)
     return Path(cfg.artifacts) / "reports" / "layer_study" / cfg.dataset.name / pair_name(cfg.teacher.name, cfg.student.name)
 
 
@@ -236,6 +237,7 @@ def run(cfg: Config, out_dir: Path | None = None, *, data: Any = None, n_boot: i
 
     if multi.is_multi(cfg):  # several teachers: the multi-teacher arms' report instead
         return study_multi.run(cfg, out_dir, data=data)
+    cfg = multi.single_config(cfg)  # one listed teacher is `teacher`
     data = data if data is not None else load_data(cfg.dataset)
     plan, manifest = plan_for(cfg, data, **plan_options)
     runs = collect_runs(cfg, data, plan, manifest)
@@ -321,6 +323,7 @@ def main() -> int:
         multi.manifest_for(cfg, load_data_checked(multi.config_of(cfg, multi.teacher_configs(cfg)[0])))
         print("\n".join(lines))
         return 0
+    cfg = multi.single_config(cfg)  # one listed teacher is `teacher`
     data = load_data_checked(cfg)
     plan, _ = plan_for(cfg, data, build_profile=True, **plan_options(args))  # stage 1 first when missing, as stage 2
     print("\n".join(plan_lines(plan)))
