@@ -3,6 +3,7 @@
 #   make distill CONFIG=configs/cifar10.yaml TEACHER=resnet34 STUDENT=resnet9 METHOD=ours SEEDS="0 1 2"
 #   make profile DATASET=fashion_mnist TEACHER=resnet34 ARGS="profile.k=4 teacher.width=0.5"
 #   make distill CONFIG=configs/cifar100.yaml METHOD=ours NPROC=4   (one run on 4 GPUs: torchrun + DDP)
+#   make distill CONFIG=configs/demo.yaml TEACHER="resnet34 vgg19" METHOD=ours   (several teachers, one student)
 PY       ?= .venv/bin/python
 CONFIG   ?= configs/default.yaml
 DATASET  ?=
@@ -17,14 +18,14 @@ NPROC    ?= 1
 
 COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
   $(if $(DATASET),--dataset $(DATASET)) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
-  $(if $(TEACHER),--teacher $(TEACHER))
+  $(if $(TEACHER),--teacher "$(TEACHER)")
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
 .PHONY: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality bench-stream gpu-check help
 
 help:
-	@sed -n '1,5p' Makefile; echo; echo "targets: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality bench-stream gpu-check"
+	@sed -n '1,6p' Makefile; echo; echo "targets: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality bench-stream gpu-check"
 
 setup:
 	@bash .ci/setup.sh
@@ -80,7 +81,7 @@ study: setup
 	  echo "== study arm $$arm: $$overrides"; \
 	  $(STAGE2) stage2_distill.py $(COMMON) $(STUDENT_ARGS) $(ARGS) $$overrides < /dev/null || exit 1; \
 	done
-	$(PY) stage3_evaluate.py --study $(COMMON) $(STUDENT_ARGS) $(STUDY_ARGS) -- $(ARGS)
+	$(PY) stage3_evaluate.py --study $(COMMON) $(STUDENT_ARGS) $(STUDY_ARGS) -- $(filter-out --quiet,$(ARGS))
 
 # Each finished student as ONNX (opset 18) + TorchScript with its head, checked against PyTorch on
 # test images and timed on this CPU (export.yaml per run); stage 3 adds the table. Shared CPU: EXPORT_ARGS="--threads 1".

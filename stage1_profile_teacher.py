@@ -26,7 +26,10 @@ def body() -> int:
     from common.profile.features import no_cache_reason
     from common.profile.runner import run
     from common.profile.teacher import ensure_teacher
+    from common.profile import multi
 
+    if multi.is_multi(cfg):  # --teacher "A B": every teacher, then the pooled manifest
+        return _several(cfg, args)
     if args.list_layers:  # writes nothing; the profile settings may be what the listing is for
         print(list_layers(cfg, load_data(cfg.dataset)).to_string(index=False))
         return 0
@@ -40,6 +43,40 @@ def body() -> int:
     print(f"selected teacher layers: {profile.selected}")
     print(f"profile: {profile.dir / 'profile.yaml'}")
     print(f"feature cache: {profile.features or f'none ({no_cache_reason(cfg, data)}): students use the live teacher'}")
+    return 0
+
+
+def _several(cfg, args) -> int:
+    """The same three modes for several teachers: each teacher's layers, each teacher trained, or
+    every profile and the multi-teacher manifest (common/profile/multi.py)."""
+    import pandas as pd
+
+    from common.checks import load_data_checked
+    from common.data.registry import load_data
+    from common.layers.tables import list_layers
+    from common.profile import multi
+    from common.profile.teacher import ensure_teacher
+
+    configs = [multi.config_of(cfg, t) for t in multi.teacher_configs(cfg)]
+    if args.list_layers:
+        data = load_data(cfg.dataset)
+        for c in configs:
+            print(f"{c.teacher.name}:\n{list_layers(c, data).to_string(index=False)}")
+        return 0
+    data = load_data_checked(configs[0])
+    if args.train_only:
+        for c in configs[1:]:
+            load_data_checked(c, data)
+        for c in configs:
+            print(ensure_teacher(c, data))
+        return 0
+    manifest = multi.run(cfg, data)
+    table = pd.DataFrame(manifest.data["layers"])[["name", "index", "module", "S", "I", "E", "Q"]]
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for rule in multi.RULES:
+        chosen = (manifest.data["selections"].get(rule) or {}).get(manifest.data["criterion"])
+        print(f"{rule} top-{manifest.data['k']} by {manifest.data['criterion']}: {multi.describe(manifest.names, chosen) if chosen else 'none'}")
+    print(f"manifest: {manifest.dir / multi.MANIFEST}")
     return 0
 
 

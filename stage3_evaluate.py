@@ -86,6 +86,9 @@ def _study(args: argparse.Namespace) -> int:
     _check_args(args, Path(cfg.artifacts), out)
     result = study.run(cfg, out, **study.plan_options(args))
     print(result["markdown"])
+    if "teachers" in result:  # several teachers: the multi-teacher arms (common/study/multi.py)
+        print(f"study report written to {out} (multi_teacher.md, multi_teacher_*.csv)")
+        return 0
     print(f"study report written to {out} (layer_study.md, layer_study*.csv; plots in {out / 'plots'})")
     return 0
 

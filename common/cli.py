@@ -34,7 +34,7 @@ def parser(description: str) -> Parser:
     p.add_argument("--config", default=None, help="YAML config (a short diff from the defaults in common/config.py)")
     p.add_argument("--dataset", default=None, help="dataset name (sets dataset.name), e.g. fashion_mnist, cifar10, cifar100, tiny_imagenet, image_folder")
     p.add_argument("--data-root", default=None, help="local dataset directory (sets dataset.root)")
-    p.add_argument("--teacher", default=None, help="teacher model name (sets teacher.name), e.g. resnet34, vgg19, vit_b")
+    p.add_argument("--teacher", default=None, help='teacher model name (sets teacher.name), e.g. resnet34, vgg19, vit_b; several: --teacher "resnet34 vgg19" (sets teachers)')
     p.add_argument("--artifacts", default=None, help="artifacts directory (sets artifacts)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, only the summary lines")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDE_HELP)
@@ -48,6 +48,8 @@ def build_config(args: argparse.Namespace, flag_keys: dict[str, str]) -> Config:
     flags = {"dataset": "dataset.name", "data_root": "dataset.root", "teacher": "teacher.name", "artifacts": "artifacts", "seeds": "seeds", **flag_keys}
     for attr, key in flags.items():
         value = getattr(args, attr, None)
+        if attr == "teacher" and value is not None and len(value.split()) > 1:  # --teacher "resnet34 vgg19": several teachers
+            key, value = "teachers", value.split()
         if value is not None:  # quoted: a flag's value is a string even when it looks like YAML ("yes", "1e3", "a: b")
             overrides.append(f"{key}={json.dumps(value)}")
     overrides += list(args.overrides)

@@ -181,6 +181,12 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
     artifacts: str = "artifacts"
+    # Several teachers (common/profile/multi.py): names, or mappings of the `teacher` section's keys
+    # (name, width, pretrained, finetune); a name takes the `teacher` section's other values. [] or
+    # one entry: the one `teacher`, exactly as without this key. teacher_rule picks their layers:
+    # pooled (top-k over all teachers' layers) | per_teacher (top k/m of each of the m teachers).
+    teachers: list[Any] = field(default_factory=list)
+    teacher_rule: str = "pooled"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -361,6 +367,7 @@ INPUT_PATHS = ("auto", "resident", "prefetch")  # common.train.inputs.MODES
 CRITERIA = ("Q", "S", "I", "E", "sqrtIE")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "multistep")
+TEACHER_RULES = ("pooled", "per_teacher")  # how several teachers' layers are selected (common/profile/multi.py)
 
 
 def validate_config(cfg: Config) -> None:
@@ -377,6 +384,7 @@ def validate_config(cfg: Config) -> None:
     for where, train in (("teacher_train", cfg.teacher_train), ("train", cfg.train)):
         _check_train(where, train)
     _check_profile(cfg.profile)
+    _require(cfg.teacher_rule in TEACHER_RULES, f"teacher_rule is '{cfg.teacher_rule}'; choose one of {', '.join(TEACHER_RULES)}")
     # seeds: one student run per entry. Empty would train nothing after building the teacher; a
     # repeat would name the same run directory twice (and count it twice in a mean). Order is
     # free: runs are independent and reports sort by seed.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from common.train import multi_teacher
 from common.artifacts import layout as artifacts
 from common.train import distributed
 from common.cache.reader import FeatureCache
@@ -27,7 +28,7 @@ from common.layers.hooks import resolve_layers
 from common.method_spec import MethodSpec, hashed_fields
 from common.methods import build_distiller, resolve_run_method
 from common.models import MODELS, create_model
-from common.profile import runner as profile
+from common.profile import multi, runner as profile
 from common.layers.tables import DataShape, layer_shapes, layer_infos_for
 from common.profile.features import ensure_features, rebuild_hint, wants_cache
 from common.profile import student as student_profile
@@ -176,6 +177,10 @@ def run(cfg: Config, seeds: list[int] | None = None, restart: bool = False, data
     profile are built once under their file locks (the other ranks wait there), rank 0 takes
     each run's lock and decides skip / restart for all, every rank trains its shard, rank 0 writes.
     """
+    # Several teachers: their own module (common/train/multi_teacher.py); one listed teacher is `teacher`.
+    if multi.is_multi(cfg):
+        return multi_teacher.run(cfg, seeds, restart, data, ranks)
+    cfg = multi.single_config(cfg)
     seeds = list(seeds if seeds is not None else cfg.seeds)
     # the method first: a run that reads no teacher (ce) or no profile (kd) is not refused over their settings
     method = resolve_run_method(cfg)
@@ -259,7 +264,9 @@ def _train_one(
     source: TeacherSource | None,
     teacher_model: torch.nn.Module | None,
     ranks: Ranks = SINGLE,
+    run_extra: dict | None = None,
 ) -> RunResult:
+    """run_extra: entries of config.yaml's `run` that replace this function's (several teachers)."""
     train_cfg = dataclasses.replace(cfg.train, seed=seed)
     resolved = {
         **to_dict(dataclasses.replace(cfg, train=train_cfg, seeds=[seed])),
@@ -274,6 +281,7 @@ def _train_one(
             "student_layers": student_layers,
             "versions": versions(),
             "ranks": ranks.world,
+            **(run_extra or {}),
         },
     }
     if ranks.is_main:

@@ -24,11 +24,11 @@ PACKAGES = {
     "data": {"registry", "formats", "stream"},
     "export": {"__main__", "runner", "files", "record", "latency"},
     "layers": {"hooks", "tables", "pairing"},
-    "profile": {"runner", "teacher", "stats", "manifest", "features", "forward_hooks", "student"},
+    "profile": {"runner", "teacher", "stats", "manifest", "features", "forward_hooks", "student", "multi"},
     "quality": {"formulas", "stream", "table"},
     "report": {"runner", "stats", "tables", "text", "page", "exports", "published"},
-    "study": {"__main__", "runner", "plan", "stats", "text"},
-    "train": {"loop", "recipes", "distributed", "tracking", "teacher_source", "inputs", "streamed", "compiled"},
+    "study": {"__main__", "runner", "plan", "stats", "text", "multi"},
+    "train": {"loop", "recipes", "distributed", "tracking", "teacher_source", "inputs", "streamed", "compiled", "multi_source", "multi_teacher"},
 }
 TOP_MODULES = {"alias", "checks", "cli", "config", "distill", "errors", "files", "method_spec", "plots", "registry", "runtime"}
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -80,13 +80,16 @@ def depth_student_layers(depths: Sequence[Fraction], candidates: Sequence[int], 
     return out
 
 
-def in_depth_order(depths: Sequence[Fraction], student_layers: Sequence[int]) -> list[int]:
+def in_depth_order(depths: Sequence[Fraction], student_layers: Sequence[int], ties: Sequence[Any] | None = None) -> list[int]:
     """`student_layers` (a set of k) re-ordered so the i-th shallowest teacher layer gets the i-th
-    shallowest student layer; returned in the teacher layers' given order."""
+    shallowest student layer; returned in the teacher layers' given order. Equal depths are
+    ordered by `ties` (ascending: a larger key takes the deeper student layer; several teachers
+    pass (layer index, teacher), so the deeper network's layer goes deeper), else kept in the
+    given order."""
     if len(depths) != len(student_layers):
         raise ValueError(f"{len(depths)} teacher layers but {len(student_layers)} student layers")
     ranked = sorted(int(j) for j in student_layers)
-    order = sorted(range(len(depths)), key=lambda i: depths[i])
+    order = sorted(range(len(depths)), key=lambda i: (depths[i], ties[i]) if ties is not None else depths[i])
     out = [0] * len(depths)
     for position, i in enumerate(order):
         out[i] = ranked[position]

@@ -83,8 +83,15 @@ def validate(cfg: Config, n_layers: int) -> None:
 
 
 def run(cfg: Config, data: Data | None = None) -> Profile:
-    """Run every stage-1 step that is not already done; returns the profile."""
+    """Run every stage-1 step that is not already done; returns the profile (with several
+    `teachers`: common/profile/multi.py profiles each and returns the first's profile)."""
     validate_config(cfg)  # configs changed in code skip load_config's check
+    from common.profile import multi  # several teachers: each profiled by this function, then pooled
+
+    if multi.is_multi(cfg):
+        multi.run(cfg, data)
+        return run(multi.config_of(cfg, multi.teacher_configs(cfg)[0]), data)
+    cfg = multi.single_config(cfg)
     MODELS.get(cfg.teacher.name)
     data = data if data is not None else load_data(cfg.dataset)
     validate(cfg, len(layer_infos_for(cfg.teacher, data)))

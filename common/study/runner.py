@@ -35,6 +35,8 @@ from common.artifacts.discovery import find_runs, read_metrics, run_summary
 from common.files import atomic_write, atomic_write_text
 from common.plots import safe_filename
 from common.report.stats import mean_std
+from common.profile import multi
+from common.study import multi as study_multi
 from common.study.plan import CONTROL, RANDOM_DRAWS, RANDOM_SEED, REFERENCE, SINGLE, STUDENT, StudyPlan, arm_run_dirs, plan_for, plan_lines
 from common.study.text import plot_controls, plot_criteria, study_markdown
 from common.study.stats import LEVEL, N_BOOTSTRAP, Interval, bootstrap_spearman, difference_sentence, paired_difference
@@ -249,6 +251,9 @@ def mismatches(runs: pd.DataFrame) -> list[str]:
 
 
 def default_out(cfg: Config) -> Path:
+    if multi.is_multi(cfg):  # several teachers: the multi-teacher arms (common/study/multi.py)
+        return study_multi.default_out(cfg)
+    cfg = multi.single_config(cfg)
     return Path(cfg.artifacts) / "reports" / "layer_study" / cfg.dataset.name / dir_name(pair_name(cfg.teacher.name, cfg.student.name))
 
 
@@ -260,6 +265,9 @@ def run(cfg: Config, out_dir: Path | None = None, *, data: Any = None, n_boot: i
     as given to the plan. Nothing is trained or profiled here."""
     from common.data.registry import load_data
 
+    if multi.is_multi(cfg):  # several teachers: the multi-teacher arms' report instead
+        return study_multi.run(cfg, out_dir, data=data)
+    cfg = multi.single_config(cfg)  # one listed teacher is `teacher`
     data = data if data is not None else load_data(cfg.dataset)
     plan, manifest = plan_for(cfg, data, **plan_options)
     runs = collect_runs(cfg, data, plan, manifest)
@@ -344,6 +352,12 @@ def main() -> int:
         raise UserError("usage: python -m common.study plan [--config ...] [stage-2 flags] [key=value ...]; see --help")
     args = p.parse_intermixed_args(argv[1:])
     cfg = cli.build_config(args, {"student": "student.name"})
+    if multi.is_multi(cfg):  # several teachers: the multi-teacher arms, stage 1 first when missing
+        lines = study_multi.plan_lines(cfg)  # the config's checks first
+        multi.manifest_for(cfg, load_data_checked(multi.config_of(cfg, multi.teacher_configs(cfg)[0])))
+        print("\n".join(lines))
+        return 0
+    cfg = multi.single_config(cfg)  # one listed teacher is `teacher`
     data = load_data_checked(cfg)
     plan, _ = plan_for(cfg, data, build_profile=True, **plan_options(args))  # stage 1 first when missing, as stage 2
     print("\n".join(plan_lines(plan)))
