@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from common import distill
+from common.artifacts.layout import dir_name
 from common.config import DatasetConfig, load_config
 from common.data.registry import load_data
 from common.data.stream import FileImages, center_crop, default_resize, eval_transform, random_resized_box, resize_shorter, sample_seed
@@ -285,7 +286,7 @@ def test_a_bad_file_dealt_with_by_skip_keeps_finished_work_and_is_counted_per_sp
     cfg = load_config(None, common)
     with pytest.raises(DataError, match="bad_images=skip"):
         profile.run(cfg, load_data(cfg.dataset))
-    tdir = next((tmp_path / "artifacts" / "imagenet").glob("tv:resnet18-*"))
+    tdir = next((tmp_path / "artifacts" / "imagenet").glob(dir_name("tv:resnet18") + "-*"))  # the portable directory name
     evaluated = (tdir / "metrics.csv").stat().st_mtime_ns
     assert (tdir / "done").exists()
 
