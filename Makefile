@@ -22,10 +22,10 @@ COMMON = --config $(CONFIG) --artifacts $(ARTIFACTS) \
 STUDENT_ARGS = $(if $(STUDENT),--student $(STUDENT)) $(if $(SEEDS),--seeds "$(SEEDS)")
 DEMO_METHODS ?= ce kd fitnet ours
 
-.PHONY: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality bench-stream gpu-check help
+.PHONY: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality bench-stream bench-multi gpu-check help
 
 help:
-	@sed -n '1,6p' Makefile; echo; echo "targets: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality bench-stream gpu-check"
+	@sed -n '1,6p' Makefile; echo; echo "targets: setup setup-test test test-fast lint demo teacher profile layers distill study report export bench bench-speed bench-syncs bench-sizes bench-export bench-profile bench-quality bench-stream bench-multi gpu-check"
 
 setup:
 	@bash .ci/setup.sh
@@ -124,6 +124,10 @@ bench-quality: setup
 # (100 classes) and the 1 000-class ImageNet figure by arithmetic. About 20 min on 2 CPU cores.
 bench-stream: setup
 	nice $(PY) bench/bench_stream.py
+
+# A cached epoch from two teachers (2 + 2 layers) against each teacher alone with 4 (goal <= 1.1x), interleaved.
+bench-multi: setup
+	$(PY) bench/bench_multi_teacher.py --repeats 5 --passes 3
 
 # The four registry students at full width on CIFAR-100 shapes: export, check, latency table.
 bench-export: setup
